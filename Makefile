@@ -1,0 +1,45 @@
+# foundry-dbrx: `make train` trains a tiny DBRX on the embedded corpus; `make test` runs the test suite.
+# Both create .venv from requirements/requirements.lock (with uv) when it is missing or stale.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := .tools/bin/uv
+STAMP := $(VENV)/.installed
+DATA := data/default
+PYTEST_ARGS ?=
+
+.PHONY: all env train test lock clean prep-data
+
+all: test
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools uv==0.13.9
+
+$(STAMP): requirements/requirements.lock setup.py | $(UV)
+	@echo "== creating $(VENV) from requirements/requirements.lock"
+	@start=$$(date +%s); \
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV) && \
+	VIRTUAL_ENV=$(VENV) $(UV) pip sync --quiet requirements/requirements.lock && \
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-deps -e . && \
+	echo "== environment ready in $$(( $$(date +%s) - start )) s"
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+lock: | $(UV)
+	$(UV) pip compile --quiet --python-version 3.11 requirements/requirements.in -o requirements/requirements.lock
+
+$(DATA)/train/index.json: | $(STAMP)
+	$(VENV)/bin/foundry-dbrx prep-data --default --out $(DATA)
+
+prep-data: $(DATA)/train/index.json
+
+train: $(STAMP) $(DATA)/train/index.json
+	$(PY) -m foundry_dbrx.train yamls/dbrx-tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .tools runs data .pytest_cache

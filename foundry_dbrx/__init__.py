@@ -1,0 +1,21 @@
+"""foundry-dbrx: DBRX-class mixture-of-experts models for Composer and LLM Foundry.
+
+``import foundry_dbrx`` gives the model, its config and the Composer wrapper; the LLM Foundry registrations
+(``dbrx`` model, ``dbrx_moe`` FFN, ``dbrx`` tokenizer) come through entry points once the package is installed.
+"""
+
+from foundry_dbrx.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
+from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
+
+__version__ = '0.1.0'
+
+__all__ = ['ComposerDbrxCausalLM', 'DbrxAttentionConfig', 'DbrxConfig', 'DbrxFFNConfig', 'DbrxForCausalLM',
+           'DbrxOutput']
+
+
+def __getattr__(name: str):
+    # Composer is heavy to import; load the Composer model only when it is asked for.
+    if name == 'ComposerDbrxCausalLM':
+        from foundry_dbrx.composer_model import ComposerDbrxCausalLM
+        return ComposerDbrxCausalLM
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

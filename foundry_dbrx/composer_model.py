@@ -1,0 +1,102 @@
+"""The Composer model: DBRX plus its loss (cross entropy + weighted load-balancing loss), metrics and FLOPs.
+
+Registered as ``dbrx`` in LLM Foundry's ``models`` registry; a YAML ``model:`` section is a DBRX config
+(HF ``config.json`` names) plus ``name: dbrx`` and the few training keys below.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+
+from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
+from foundry_dbrx.moe.losses import load_balancing_loss
+from foundry_dbrx.parallelize import attach_composer_hooks
+
+__all__ = ['ComposerDbrxCausalLM']
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def _fmt_params(n: int) -> str:
+    return f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.2f}M'
+
+
+class ComposerDbrxCausalLM(ComposerModel):
+    """DBRX for Composer and LLM Foundry.
+
+    Args:
+        tokenizer: passed by LLM Foundry; kept for checkpoint export, unused by the math.
+        init_device: ``cpu``, ``cuda``, ``meta`` (FSDP materialises and initialises block by block) or
+            ``mixed`` (LLM Foundry's name for meta on all ranks but 0, treated as meta here).
+        use_train_metrics: compute cross entropy and perplexity metrics on training batches.
+        **model_config: a DBRX config (``DbrxConfig`` field names: d_model, n_heads, ..., attn_config, ffn_config).
+    """
+
+    def __init__(self, tokenizer: Any = None, init_device: str = 'cpu', use_train_metrics: bool = True,
+                 **model_config: Any):
+        super().__init__()
+        self.config = DbrxConfig.from_dict(model_config)
+        if init_device not in ('cpu', 'cuda', 'meta', 'mixed'):
+            raise ValueError(f"init_device ({init_device!r}) must be one of ['cpu', 'cuda', 'meta', 'mixed']")
+        device = 'meta' if init_device == 'mixed' else init_device
+        self.model = attach_composer_hooks(DbrxForCausalLM(self.config, device=device))
+        self.tokenizer = tokenizer
+        counts = self.config.num_params()
+        self.n_active_params = counts['active']
+        ffn = self.config.ffn_config
+        log.info('DBRX: %s parameters in all, %s active per token (%d of %d experts); '
+                 'load-balancing loss %r x %g', _fmt_params(counts['total']), _fmt_params(counts['active']),
+                 ffn.moe_top_k, ffn.moe_num_experts, ffn.moe_lb_loss_type, ffn.moe_loss_weight)
+        self.lb_loss_key = f'lb_loss_{ffn.moe_lb_loss_type}'
+        self.train_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())} \
+            if use_train_metrics else {}
+        self.eval_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())}
+
+    # --- Composer interface ----------------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any]) -> DbrxOutput:
+        return self.model(batch['input_ids'])
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Next-token targets: labels (input ids by default) shifted left by one, the last position ignored."""
+        labels = batch.get('labels', batch['input_ids'])
+        targets = torch.roll(labels, shifts=-1, dims=1)
+        targets[:, -1] = IGNORE_INDEX
+        return targets
+
+    def loss(self, outputs: DbrxOutput, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``total = ce + moe_loss_weight * lb_loss``; each part is logged (``loss/train/ce``,
+        ``loss/train/lb_loss_<type>``)."""
+        targets = self.targets(batch)
+        logits = outputs.logits
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX)
+        ffn = self.config.ffn_config
+        lbl = load_balancing_loss(outputs.routings, ffn.moe_num_experts, ffn.moe_lb_loss_type)
+        return {'total': ce + ffn.moe_loss_weight * lbl, 'ce': ce, self.lb_loss_key: lbl}
+
+    def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[DbrxOutput] = None) -> DbrxOutput:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch: Any, outputs: DbrxOutput, metric) -> None:
+        metric.update(outputs.logits, self.targets(batch))
+
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
+        """``(6 N_active + 12 L D S) * tokens``: N_active without the input embedding (a lookup, no FLOPs)
+        and with experts at top_k / E; the second term is attention (LLM Foundry's and torchtitan's convention)."""
+        b, s = batch['input_ids'].shape[:2]
+        c = self.config
+        n = c.num_params()
+        per_token = 6 * (n['active'] - c.vocab_size * c.d_model) + 12 * c.n_layers * c.d_model * s
+        return per_token * b * s

@@ -1,0 +1,199 @@
+"""DBRX configuration: typed, validated, and spelled like HF's DBRX ``config.json``.
+
+``DbrxConfig.from_dict`` takes the keys of a Hugging Face DBRX ``config.json`` (``d_model``, ``n_heads``,
+``attn_config: {...}``, ``ffn_config: {...}``) or of a YAML ``model:`` section, and rejects anything it does not
+know. Every rule lives in a ``__post_init__`` and its error names the field, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+__all__ = ['DbrxAttentionConfig', 'DbrxFFNConfig', 'DbrxConfig', 'MOE_BACKENDS', 'LB_LOSS_TYPES']
+
+# Names of the expert backends a config may ask for; the classes live in ``foundry_dbrx.moe.experts``.
+MOE_BACKENDS = ('auto', 'eager', 'grouped_mm', 'megablocks')
+# 'switch': HF DBRX / Switch Transformer, E * sum_e f_e P_e over all layers' tokens concatenated.
+# 'megablocks': MegaBlocks / LLM Foundry, per-layer E/(T*k) * sum_e count_e * mean_p_e, averaged over layers.
+LB_LOSS_TYPES = ('switch', 'megablocks')
+
+# Keys HF's DbrxConfig writes into config.json that carry no meaning for the model's math.
+_HF_BOOKKEEPING_KEYS = frozenset({
+    'architectures', 'auto_map', 'model_type', 'torch_dtype', 'transformers_version', 'use_cache',
+    'output_router_logits', 'router_aux_loss_coef', 'tie_word_embeddings', 'return_dict', 'output_hidden_states',
+    'output_attentions', 'torchscript', 'pad_token_id', 'bos_token_id', 'eos_token_id', '_name_or_path',
+    'is_encoder_decoder', 'num_key_value_heads', 'hidden_size', 'num_attention_heads', 'num_hidden_layers',
+    'max_position_embeddings', 'tokenizer_class', 'attn_implementation', '_attn_implementation_autoset',
+})
+_HF_ATTN_BOOKKEEPING_KEYS = frozenset({'model_type'})
+_HF_FFN_BOOKKEEPING_KEYS = frozenset({'model_type', 'moe_num_experts_per_tok'})
+
+
+def _check_positive(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f'{owner}{name} ({value!r}) must be a positive integer')
+
+
+def _check_fraction(owner: str, name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f'{owner}{name} ({value!r}) must be a number in [0, 1)')
+
+
+def _reject_unknown(cls: type, values: Mapping[str, Any], where: str, ignored: frozenset = frozenset()) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known - ignored)
+    if unknown:
+        raise ValueError(f'{where}: unknown key(s) {unknown}; known keys are {sorted(known)}')
+    return {k: v for k, v in values.items() if k in known}
+
+
+@dataclass(kw_only=True, frozen=True)
+class DbrxAttentionConfig:
+    """Attention part of the config (HF's ``attn_config``)."""
+
+    attn_pdrop: float = 0.0
+    clip_qkv: Optional[float] = None
+    kv_n_heads: int = 1
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _check_fraction('attn_config.', 'attn_pdrop', self.attn_pdrop)
+        _check_positive('attn_config.', 'kv_n_heads', self.kv_n_heads)
+        if self.clip_qkv is not None and (not isinstance(self.clip_qkv, (int, float)) or self.clip_qkv <= 0):
+            raise ValueError(f'attn_config.clip_qkv ({self.clip_qkv!r}) must be a positive number or null (no clipping)')
+        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            raise ValueError(f'attn_config.rope_theta ({self.rope_theta!r}) must be a positive number')
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> 'DbrxAttentionConfig':
+        return cls(**_reject_unknown(cls, values, 'attn_config', _HF_ATTN_BOOKKEEPING_KEYS))
+
+
+@dataclass(kw_only=True, frozen=True)
+class DbrxFFNConfig:
+    """Mixture-of-experts part of the config (HF's ``ffn_config``) plus our backend and loss choices."""
+
+    ffn_hidden_size: int = 3584
+    moe_num_experts: int = 4
+    moe_top_k: int = 1
+    moe_jitter_eps: Optional[float] = None
+    moe_loss_weight: float = 0.01
+    moe_normalize_expert_weights: Optional[float] = 1.0
+    ffn_act_fn: Optional[dict] = None
+    # ours, not in HF's config.json
+    moe_backend: str = 'auto'
+    moe_lb_loss_type: str = 'megablocks'
+
+    def __post_init__(self) -> None:
+        _check_positive('ffn_config.', 'ffn_hidden_size', self.ffn_hidden_size)
+        _check_positive('ffn_config.', 'moe_num_experts', self.moe_num_experts)
+        _check_positive('ffn_config.', 'moe_top_k', self.moe_top_k)
+        if self.moe_top_k > self.moe_num_experts:
+            raise ValueError(
+                f'ffn_config.moe_top_k ({self.moe_top_k}) must be at most ffn_config.moe_num_experts '
+                f'({self.moe_num_experts})')
+        if self.moe_jitter_eps is not None:
+            _check_fraction('ffn_config.', 'moe_jitter_eps', self.moe_jitter_eps)
+        if not isinstance(self.moe_loss_weight, (int, float)) or self.moe_loss_weight < 0:
+            raise ValueError(f'ffn_config.moe_loss_weight ({self.moe_loss_weight!r}) must be a number >= 0')
+        p = self.moe_normalize_expert_weights
+        if p is not None and (not isinstance(p, (int, float)) or p <= 0):
+            raise ValueError(
+                f'ffn_config.moe_normalize_expert_weights ({p!r}) must be a positive number (the p of the p-norm) '
+                'or null (no renormalisation)')
+        act = self.ffn_act_fn
+        if act is not None and dict(act).get('name', 'silu') != 'silu':
+            raise ValueError(f"ffn_config.ffn_act_fn ({act!r}) must be {{'name': 'silu'}}: DBRX experts are SiLU GLUs")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f'ffn_config.moe_backend ({self.moe_backend!r}) must be one of {list(MOE_BACKENDS)}')
+        if self.moe_lb_loss_type not in LB_LOSS_TYPES:
+            raise ValueError(
+                f'ffn_config.moe_lb_loss_type ({self.moe_lb_loss_type!r}) must be one of {list(LB_LOSS_TYPES)}')
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> 'DbrxFFNConfig':
+        return cls(**_reject_unknown(cls, values, 'ffn_config', _HF_FFN_BOOKKEEPING_KEYS))
+
+
+@dataclass(kw_only=True, frozen=True)
+class DbrxConfig:
+    """The whole DBRX model config, with HF DBRX's field names.
+
+    ``DbrxConfig.from_dict(json.load(open('config.json')))`` loads a Hugging Face DBRX config as it is, and a YAML
+    ``model:`` section uses the same names. ``init_device`` and ``init_std`` are ours (where to build the weights,
+    the std of their normal init; ``initializer_range`` is HF's name for the latter).
+    """
+
+    d_model: int = 2048
+    n_heads: int = 16
+    n_layers: int = 24
+    max_seq_len: int = 2048
+    vocab_size: int = 32000
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    attn_config: DbrxAttentionConfig = field(default_factory=DbrxAttentionConfig)
+    ffn_config: DbrxFFNConfig = field(default_factory=DbrxFFNConfig)
+
+    def __post_init__(self) -> None:
+        for name in ('d_model', 'n_heads', 'n_layers', 'max_seq_len', 'vocab_size'):
+            _check_positive('', name, getattr(self, name))
+        _check_fraction('', 'resid_pdrop', self.resid_pdrop)
+        _check_fraction('', 'emb_pdrop', self.emb_pdrop)
+        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+            raise ValueError(f'layer_norm_eps ({self.layer_norm_eps!r}) must be a positive number')
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+            raise ValueError(f'initializer_range ({self.initializer_range!r}) must be a positive number')
+        if self.d_model % self.n_heads:
+            raise ValueError(f'n_heads ({self.n_heads}) must divide d_model ({self.d_model})')
+        if self.head_dim % 2:
+            raise ValueError(f'd_model / n_heads ({self.head_dim}) must be even for rotary embeddings')
+        kv = self.attn_config.kv_n_heads
+        if self.n_heads % kv:
+            raise ValueError(f'attn_config.kv_n_heads ({kv}) must divide n_heads ({self.n_heads})')
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> 'DbrxConfig':
+        """Builds a config from an HF ``config.json`` dict or a YAML ``model:`` section; unknown keys raise."""
+        values = dict(values)
+        attn = values.pop('attn_config', None) or {}
+        ffn = values.pop('ffn_config', None) or {}
+        kwargs = _reject_unknown(cls, values, 'model config', _HF_BOOKKEEPING_KEYS)
+        if 'initializer_range' not in values and 'init_std' in values:
+            kwargs['initializer_range'] = values['init_std']
+        attn_cfg = attn if isinstance(attn, DbrxAttentionConfig) else DbrxAttentionConfig.from_dict(attn)
+        ffn_cfg = ffn if isinstance(ffn, DbrxFFNConfig) else DbrxFFNConfig.from_dict(ffn)
+        return cls(**kwargs, attn_config=attn_cfg, ffn_config=ffn_cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict with HF DBRX's key names (our extra FFN keys included)."""
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` of an HF ``DbrxForCausalLM`` with these weights (no remote code needed)."""
+        out = self.to_dict()
+        for key in ('moe_backend', 'moe_lb_loss_type'):
+            out['ffn_config'].pop(key)
+        out.update(model_type='dbrx', architectures=['DbrxForCausalLM'], tie_word_embeddings=False)
+        return out
+
+    # --- parameter counting (pure arithmetic, no weights) --------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: ``total``, ``active`` per token (experts at top_k / E), and ``embedding``."""
+        d, f = self.d_model, self.ffn_config.ffn_hidden_size
+        e, k = self.ffn_config.moe_num_experts, self.ffn_config.moe_top_k
+        qkv_out = d + 2 * self.attn_config.kv_n_heads * self.head_dim
+        attn = qkv_out * d + d * d + 2 * d  # Wqkv, out_proj, norm_1, norm_2
+        router = e * d
+        experts = 3 * e * f * d
+        embedding = 2 * self.vocab_size * d  # wte and the untied lm_head
+        total = self.n_layers * (attn + router + experts) + embedding + d
+        active = self.n_layers * (attn + router + 3 * k * f * d) + embedding + d
+        return {'total': total, 'active': active, 'embedding': embedding}

@@ -1,0 +1,173 @@
+"""DBRX on a single device: embedding, blocks (attention + MoE FFN), final norm and untied head.
+
+Module and parameter names are HF transformers' ``DbrxForCausalLM`` names, so a state dict of this model loads
+into transformers by key name alone. Parallelism (FSDP, activation checkpointing) is applied from outside.
+
+Legend: B batch, S sequence, D d_model, H query heads, G kv heads, Hd head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.moe.layer import DbrxFFN
+from foundry_dbrx.moe.router import Routing
+
+__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'rotary_cos_sin']
+
+
+class DbrxOutput(NamedTuple):
+    logits: torch.Tensor  # [B, S, V]
+    routings: tuple[Routing, ...]  # one per layer, for the auxiliary losses
+
+
+def rotary_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [S, Hd] of non-interleaved (rotate-half) RoPE, computed in fp32 as HF does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions_S.device)
+                                .float() / head_dim))
+    freqs_SH = positions_S.float()[:, None] * inv_freq[None, :]
+    emb_SHd = torch.cat((freqs_SH, freqs_SH), dim=-1)
+    return emb_SHd.cos(), emb_SHd.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    # cos/sin are cast to the activation dtype before use, as transformers does (bit parity in bf16).
+    cos, sin = cos_SHd.to(x_BHSd.dtype), sin_SHd.to(x_BHSd.dtype)
+    return x_BHSd * cos + _rotate_half(x_BHSd) * sin
+
+
+class DbrxAttention(nn.Module):
+    """Causal GQA self-attention with DBRX's clip on the fused QKV projection (before the split and RoPE)."""
+
+    def __init__(self, cfg: DbrxConfig, device=None):
+        super().__init__()
+        a = cfg.attn_config
+        self.n_heads, self.kv_n_heads, self.head_dim = cfg.n_heads, a.kv_n_heads, cfg.head_dim
+        self.clip_qkv, self.rope_theta, self.attn_pdrop = a.clip_qkv, a.rope_theta, a.attn_pdrop
+        qkv_out = cfg.d_model + 2 * self.kv_n_heads * self.head_dim
+        self.Wqkv = nn.Linear(cfg.d_model, qkv_out, bias=False, device=device)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False, device=device)
+        self.out_proj.residual_out_params = ('weight',)  # scaled init: it writes into the residual stream
+
+    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+        b, s, d = x_BSD.shape
+        qkv = self.Wqkv(x_BSD)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        kv_dim = self.kv_n_heads * self.head_dim
+        q, k, v = qkv.split([d, kv_dim, kv_dim], dim=-1)
+        q_BHSd = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGSd = k.view(b, s, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        v_BGSd = v.view(b, s, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        q_BHSd = apply_rotary(q_BHSd, cos_SHd, sin_SHd)
+        k_BGSd = apply_rotary(k_BGSd, cos_SHd, sin_SHd)
+        if self.kv_n_heads != self.n_heads:
+            # Repeat K/V per query group (what HF does); SDPA's enable_gqa is not taken by every kernel.
+            rep = self.n_heads // self.kv_n_heads
+            k_BGSd = k_BGSd.repeat_interleave(rep, dim=1)
+            v_BGSd = v_BGSd.repeat_interleave(rep, dim=1)
+        o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=True,
+                                                dropout_p=self.attn_pdrop if self.training else 0.0,
+                                                scale=1.0 / math.sqrt(self.head_dim))
+        return self.out_proj(o_BHSd.transpose(1, 2).reshape(b, s, d))
+
+
+class DbrxNormAttentionNorm(nn.Module):
+    """``norm_1 -> attn -> residual add -> norm_2``, grouped as HF groups them (hence the parameter names)."""
+
+    def __init__(self, cfg: DbrxConfig, device=None):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False, device=device)
+        self.attn = DbrxAttention(cfg, device=device)
+        self.norm_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False, device=device)
+        self.resid_pdrop = cfg.resid_pdrop
+
+    def forward(self, x_BSD, cos_SHd, sin_SHd) -> tuple[torch.Tensor, torch.Tensor]:
+        h_BSD = self.attn(self.norm_1(x_BSD).to(x_BSD.dtype), cos_SHd, sin_SHd)
+        x_BSD = x_BSD + F.dropout(h_BSD, self.resid_pdrop, self.training)
+        return x_BSD, self.norm_2(x_BSD).to(x_BSD.dtype)
+
+
+class DbrxBlock(nn.Module):
+    def __init__(self, cfg: DbrxConfig, device=None):
+        super().__init__()
+        self.norm_attn_norm = DbrxNormAttentionNorm(cfg, device=device)
+        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, device=device)
+        self.resid_pdrop = cfg.resid_pdrop
+
+    def forward(self, x_BSD, cos_SHd, sin_SHd) -> tuple[torch.Tensor, Routing]:
+        x_BSD, h_BSD = self.norm_attn_norm(x_BSD, cos_SHd, sin_SHd)
+        y_BSD, routing = self.ffn(h_BSD)
+        return x_BSD + F.dropout(y_BSD, self.resid_pdrop, self.training), routing
+
+
+class DbrxModel(nn.Module):
+    """The transformer trunk (HF's ``transformer.``): ``wte``, ``blocks``, ``norm_f``."""
+
+    def __init__(self, cfg: DbrxConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
+        self.blocks = nn.ModuleList([DbrxBlock(cfg, device=device) for _ in range(cfg.n_layers)])
+        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False, device=device)
+        self.emb_pdrop = cfg.emb_pdrop
+
+    def forward(self, input_ids_BS: torch.Tensor) -> tuple[torch.Tensor, tuple[Routing, ...]]:
+        s = input_ids_BS.shape[1]
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f'input length ({s}) must be at most max_seq_len ({self.cfg.max_seq_len})')
+        x_BSD = F.dropout(self.wte(input_ids_BS), self.emb_pdrop, self.training)
+        positions_S = torch.arange(s, device=input_ids_BS.device)
+        cos_SHd, sin_SHd = rotary_cos_sin(positions_S, self.cfg.head_dim, self.cfg.attn_config.rope_theta)
+        routings = []
+        for block in self.blocks:
+            x_BSD, routing = block(x_BSD, cos_SHd, sin_SHd)
+            routings.append(routing)
+        return self.norm_f(x_BSD), tuple(routings)
+
+
+class DbrxForCausalLM(nn.Module):
+    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing."""
+
+    def __init__(self, cfg: DbrxConfig, device=None):
+        super().__init__()
+        self.config = cfg
+        self.transformer = DbrxModel(cfg, device=device)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
+        if torch.device(device or 'cpu').type != 'meta':
+            self.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor) -> DbrxOutput:
+        h_BSD, routings = self.transformer(input_ids)
+        return DbrxOutput(self.lm_head(h_BSD), routings)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix, the residual-writing ones scaled by 1/sqrt(2 L); ones
+        for the norms."""
+        for module in self.modules():
+            self.init_module(module)
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module) -> None:
+        """Initialises the parameters owned directly by ``module`` (FSDP's ``param_init_fn`` calls this module by
+        module when the model was built on the meta device)."""
+        std = self.config.initializer_range
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(param)
+            elif name in getattr(module, 'residual_out_params', ()):
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(param, std=std)

@@ -1,0 +1,155 @@
+"""DBRX's GLU experts: the fused ``[E*F, D]`` parameters and the backends that run them.
+
+Every backend computes, for each token t and each of its K slots,
+``y_t = sum_k w_tk * (silu(x_t @ w1_e.T) * (x_t @ v1_e.T)) @ w2_e`` with ``e = experts_TK[t, k]``,
+from the same three parameters, so a state dict moves between backends (and to HF and MegaBlocks) untouched.
+
+Legend: T tokens, D d_model, F ffn_hidden_size, E experts, K top_k, N = T*K routed slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['DbrxExpertGLU', 'DbrxExperts', 'ExpertBackend', 'BACKENDS', 'resolve_backend', 'eager_experts',
+           'sort_by_expert']
+
+log = logging.getLogger(__name__)
+
+# (x_TD, weights_TK, experts_TK, w1_EFD, v1_EFD, w2_EFD) -> y_TD
+ExpertFn = Callable[..., torch.Tensor]
+
+
+def sort_by_expert(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot order that groups the N = T*K routed slots by expert (stable), and the count per expert (on device)."""
+    flat_N = experts_TK.reshape(-1)
+    order_N = flat_N.argsort(stable=True)
+    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    return order_N, counts_E
+
+
+def eager_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, w1_EFD: torch.Tensor,
+                  v1_EFD: torch.Tensor, w2_EFD: torch.Tensor) -> torch.Tensor:
+    """Reference backend in plain PyTorch: sort the slots by expert, one GEMM chain per expert, gather back.
+
+    One host sync per call (the expert counts, to split the sorted tokens), not one per expert; empty experts
+    cost an empty matmul and get zero gradients.
+    """
+    t, k = experts_TK.shape
+    num_experts = w1_EFD.shape[0]
+    order_N, counts_E = sort_by_expert(experts_TK, num_experts)
+    x_ND = x_TD[order_N // k]
+    outs = []
+    for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
+        h_nF = F.silu(x_nD @ w1_EFD[e].t()) * (x_nD @ v1_EFD[e].t())
+        outs.append(h_nF @ w2_EFD[e])
+    y_ND = torch.cat(outs)
+    # Un-permute with a gather (the inverse permutation) rather than an index_add_ scatter.
+    inverse_N = order_N.argsort()
+    y_TKD = y_ND[inverse_N].view(t, k, -1)
+    return torch.einsum('tkd,tk->td', y_TKD, weights_TK.to(y_TKD.dtype))
+
+
+class ExpertBackend:
+    """One way to run the experts: ``fn`` plus a check of whether it can run here."""
+
+    def __init__(self, name: str, fn: ExpertFn, available: Callable[[torch.device], Optional[str]],
+                 priority: int, note: str):
+        self.name, self.fn, self.available, self.priority, self.note = name, fn, available, priority, note
+
+    def __repr__(self) -> str:
+        return f'ExpertBackend({self.name!r})'
+
+
+def _always(device: torch.device) -> Optional[str]:
+    return None
+
+
+# Name -> backend. `auto` takes the highest-priority backend whose `available(device)` returns None (a reason
+# string means "not here"). Faster backends register here with a higher priority than `eager`.
+BACKENDS: dict[str, ExpertBackend] = {
+    'eager': ExpertBackend('eager', eager_experts, _always, priority=0,
+                           note='plain PyTorch reference; runs anywhere'),
+}
+
+
+def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
+    """The backend for ``ffn_config.moe_backend``; ``auto`` logs what it picked and why."""
+    if name == 'auto':
+        candidates = sorted(BACKENDS.values(), key=lambda b: -b.priority)
+        skipped = []
+        for backend in candidates:
+            reason = backend.available(device)
+            if reason is None:
+                log.info('moe_backend auto -> %s on %s (%s)%s', backend.name, device, backend.note,
+                         f'; skipped: {"; ".join(skipped)}' if skipped else '')
+                return backend
+            skipped.append(f'{backend.name}: {reason}')
+        raise RuntimeError(f'no MoE backend can run on {device}: {skipped}')
+    if name not in BACKENDS:
+        raise ValueError(f'ffn_config.moe_backend ({name!r}) must be one of {["auto", *BACKENDS]}')
+    reason = BACKENDS[name].available(device)
+    if reason is not None:
+        raise RuntimeError(f'ffn_config.moe_backend {name!r} cannot run on {device}: {reason}')
+    return BACKENDS[name]
+
+
+class DbrxExpertGLU(nn.Module):
+    """Holds ``w1`` (gate), ``v1`` (up) and ``w2`` (down), each ``[E*F, D]``; expert e owns rows [e*F, (e+1)*F).
+
+    ``w2`` is used untransposed (``h @ w2_e``), as in HF DBRX, MegaBlocks' GLU and LLM Foundry's torch dMoE.
+    """
+
+    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, device=None, dtype=None):
+        super().__init__()
+        self.d_model, self.ffn_hidden_size, self.num_experts = d_model, ffn_hidden_size, num_experts
+        shape = (num_experts * ffn_hidden_size, d_model)
+        self.w1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.v1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        if self.w1.device.type != 'meta':
+            self.reset_parameters()
+
+    # The model's initialiser scales these down: they write into the residual stream.
+    residual_out_params = ('w2',)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for w in (self.w1, self.v1, self.w2):
+            nn.init.normal_(w, std=std)
+
+    def expert_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e, f, d = self.num_experts, self.ffn_hidden_size, self.d_model
+        return self.w1.view(e, f, d), self.v1.view(e, f, d), self.w2.view(e, f, d)
+
+
+class DbrxExperts(nn.Module):
+    """The experts of one layer, run by the backend that ``ffn_config.moe_backend`` names."""
+
+    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, backend: str = 'auto',
+                 device=None, dtype=None):
+        super().__init__()
+        self.mlp = DbrxExpertGLU(d_model, ffn_hidden_size, num_experts, device=device, dtype=dtype)
+        self.backend_name = backend
+        self._backend: Optional[ExpertBackend] = None
+        self._backend_device: Optional[torch.device] = None
+
+    @property
+    def backend(self) -> ExpertBackend:
+        """Resolved lazily on the device the weights live on at the first forward (after FSDP or ``.to()``)."""
+        device = self.mlp.w1.device
+        if self._backend is None or self._backend_device != device:
+            self._backend = resolve_backend(self.backend_name, device)
+            self._backend_device = device
+        return self._backend
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        return self.backend.fn(x_TD, weights_TK, experts_TK, *self.mlp.expert_views())
+
+    def extra_repr(self) -> str:
+        return f'backend={self.backend_name!r}'
+

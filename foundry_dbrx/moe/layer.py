@@ -1,0 +1,101 @@
+"""The DBRX MoE FFN (router + experts) and its LLM Foundry ``ffns`` registry builder.
+
+Legend: B batch, S sequence, T = B*S tokens, D d_model, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from foundry_dbrx.config import DbrxFFNConfig
+from foundry_dbrx.moe.experts import DbrxExperts
+from foundry_dbrx.moe.losses import load_balancing_loss
+from foundry_dbrx.moe.router import DbrxRouter, Routing
+
+__all__ = ['DbrxFFN', 'MPTDbrxMoE', 'build_dbrx_moe_ffn']
+
+
+class DbrxFFN(nn.Module):
+    """Dropless top-k MoE with GLU/SiLU experts. Parameter names match HF's ``ffn.router`` / ``ffn.experts.mlp``.
+
+    ``forward`` returns the output and this layer's :class:`Routing`; auxiliary losses are computed by whoever
+    holds the routing of every layer (the Composer model), so there is no module state to clear between steps.
+    """
+
+    def __init__(self, d_model: int, cfg: DbrxFFNConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.router = DbrxRouter(d_model, cfg.moe_num_experts, cfg.moe_top_k, jitter_eps=cfg.moe_jitter_eps,
+                                 normalize_expert_weights=cfg.moe_normalize_expert_weights, device=device,
+                                 dtype=dtype)
+        self.experts = DbrxExperts(d_model, cfg.ffn_hidden_size, cfg.moe_num_experts, backend=cfg.moe_backend,
+                                   device=device, dtype=dtype)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        routing = self.router(x_TD)
+        y_TD = self.experts(x_TD, routing.weights_TK, routing.experts_TK)
+        return y_TD.view_as(x_BSD), routing
+
+
+class _AddAuxLossGrad(torch.autograd.Function):
+    """Identity on ``y`` whose backward also sends gradient 1 into ``aux_loss``.
+
+    Lets a layer that can only return a tensor (inside LLM Foundry's MPT) still train its router on the
+    load-balancing loss, without a module-level list of losses that the trainer must collect and clear.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_y, torch.ones_like(aux_loss)
+
+
+class MPTDbrxMoE(nn.Module):
+    """``DbrxFFN`` for LLM Foundry's MPT (``ffn_config.ffn_type: dbrx_moe``): returns only the output tensor.
+
+    In training the load-balancing loss, times ``moe_loss_weight / moe_num_layers``, reaches the router's
+    gradient through :class:`_AddAuxLossGrad`; the last value is kept in ``last_lb_loss`` for inspection.
+    """
+
+    def __init__(self, d_model: int, cfg: DbrxFFNConfig, num_layers: int, device=None):
+        super().__init__()
+        self.ffn = DbrxFFN(d_model, cfg, device=device)
+        self.num_layers = num_layers
+        self.last_lb_loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, routing = self.ffn(x)
+        cfg = self.ffn.cfg
+        if self.training and cfg.moe_loss_weight > 0 and torch.is_grad_enabled():
+            lbl = load_balancing_loss([routing], cfg.moe_num_experts, cfg.moe_lb_loss_type)
+            self.last_lb_loss = lbl.detach()
+            y = _AddAuxLossGrad.apply(y, lbl * (cfg.moe_loss_weight / self.num_layers))
+        return y
+
+
+def build_dbrx_moe_ffn(d_model: int, expansion_ratio: float, device: Optional[str] = None, bias: bool = False,
+                       fc_type: Optional[dict] = None, moe_num_layers: int = 1, **ffn_config: Any) -> nn.Module:
+    """LLM Foundry ``ffns`` builder. ``ffn_config`` takes ``DbrxFFNConfig``'s keys; without ``ffn_hidden_size``
+    the hidden size is ``expansion_ratio * d_model``. ``moe_num_layers`` (the model's n_layers) divides the
+    load-balancing loss so its scale matches the whole-model loss."""
+    if bias:
+        raise ValueError('ffn_config.bias (True) must be False for dbrx_moe: DBRX experts have no biases '
+                         '(set no_bias: true in the MPT config)')
+    if fc_type is not None and fc_type.get('name', 'torch') != 'torch':
+        raise ValueError(f"fc_type ({fc_type!r}) must be {{'name': 'torch'}} for dbrx_moe")
+    if not isinstance(moe_num_layers, int) or moe_num_layers <= 0:
+        raise ValueError(f'ffn_config.moe_num_layers ({moe_num_layers!r}) must be a positive integer')
+    ffn_config.setdefault('ffn_hidden_size', int(round(expansion_ratio * d_model)))
+    cfg = DbrxFFNConfig.from_dict(ffn_config)
+    if device == 'mixed':  # LLM Foundry's "rank 0 on cpu, others on meta"; the wrapper materialises later.
+        device = None
+    return MPTDbrxMoE(d_model, cfg, num_layers=moe_num_layers, device=device)

@@ -1,0 +1,32 @@
+"""Every registration of foundry-dbrx into LLM Foundry, one line each.
+
+``ENTRY_POINTS`` is the single table: ``setup.py`` reads it (by executing this file, which imports nothing at
+module level) to declare the package's entry points, which catalogue loads in any process where the package is
+installed, so ``llmfoundry train`` finds ``dbrx`` with no ``code_paths``. :func:`register_all` does the same
+registrations in code, for a process that imported LLM Foundry before this package was installed.
+"""
+
+ENTRY_POINTS = {
+    'llmfoundry_models': ['dbrx = foundry_dbrx.composer_model:ComposerDbrxCausalLM'],
+    'llmfoundry_ffns': ['dbrx_moe = foundry_dbrx.moe.layer:build_dbrx_moe_ffn'],
+    'llmfoundry_tokenizers': ['dbrx = foundry_dbrx.data.tokenizer:DbrxTokenizer'],
+    'console_scripts': ['foundry-dbrx = foundry_dbrx.cli:main'],
+}
+
+
+def register_all() -> None:
+    """Registers every LLM Foundry entry of :data:`ENTRY_POINTS` in code (idempotent)."""
+    import importlib
+
+    from llmfoundry import registry
+    from llmfoundry import layers_registry
+
+    registries = {'llmfoundry_models': registry.models, 'llmfoundry_ffns': layers_registry.ffns,
+                  'llmfoundry_tokenizers': registry.tokenizers}
+    for group, lines in ENTRY_POINTS.items():
+        if group not in registries:
+            continue
+        for line in lines:
+            name, target = (part.strip() for part in line.split('='))
+            module_name, attr = target.split(':')
+            registries[group].register(name, func=getattr(importlib.import_module(module_name), attr))
