@@ -10,6 +10,7 @@ ENTRY_POINTS = {
     'llmfoundry_models': ['dbrx = foundry_dbrx.composer_model:ComposerDbrxCausalLM'],
     'llmfoundry_ffns': ['dbrx_moe = foundry_dbrx.moe.layer:build_dbrx_moe_ffn'],
     'llmfoundry_tokenizers': ['dbrx = foundry_dbrx.data.tokenizer:DbrxTokenizer'],
+    'llmfoundry_callbacks': ['dbrx_run_summary = foundry_dbrx.summary:RunSummary'],
     'console_scripts': ['foundry-dbrx = foundry_dbrx.cli:main'],
 }
 
@@ -22,7 +23,7 @@ def register_all() -> None:
     from llmfoundry import layers_registry
 
     registries = {'llmfoundry_models': registry.models, 'llmfoundry_ffns': layers_registry.ffns,
-                  'llmfoundry_tokenizers': registry.tokenizers}
+                  'llmfoundry_tokenizers': registry.tokenizers, 'llmfoundry_callbacks': registry.callbacks}
     for group, lines in ENTRY_POINTS.items():
         if group not in registries:
             continue
