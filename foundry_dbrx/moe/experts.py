@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from foundry_dbrx.moe import grouped_mm, megablocks_backend
+
 __all__ = ['DbrxExpertGLU', 'DbrxExperts', 'ExpertBackend', 'BACKENDS', 'resolve_backend', 'eager_experts',
            'sort_by_expert']
 
@@ -71,10 +73,15 @@ def _always(device: torch.device) -> Optional[str]:
 
 
 # Name -> backend. `auto` takes the highest-priority backend whose `available(device)` returns None (a reason
-# string means "not here"). Faster backends register here with a higher priority than `eager`.
+# string means "not here"). Priorities follow benchmarks/moe_layer.py on an H100 (docs/backends.md): grouped_mm
+# beats MegaBlocks' grouped path, which beats the per-expert loop.
 BACKENDS: dict[str, ExpertBackend] = {
     'eager': ExpertBackend('eager', eager_experts, _always, priority=0,
                            note='plain PyTorch reference; runs anywhere'),
+    'megablocks': ExpertBackend('megablocks', megablocks_backend.megablocks_experts, megablocks_backend.available,
+                                priority=10, note="MegaBlocks' dropless grouped GEMMs, bf16 only"),
+    'grouped_mm': ExpertBackend('grouped_mm', grouped_mm.grouped_mm_experts, grouped_mm.available, priority=20,
+                                note='torch._grouped_mm + fused Triton kernels, no host sync'),
 }
 
 
