@@ -47,9 +47,11 @@ def eager_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torc
     order_N, counts_E = sort_by_expert(experts_TK, num_experts)
     x_ND = x_TD[order_N // k]
     outs = []
-    for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
-        h_nF = F.silu(x_nD @ w1_EFD[e].t()) * (x_nD @ v1_EFD[e].t())
-        outs.append(h_nF @ w2_EFD[e])
+    # unbind, not w1_EFD[e]: each indexing op's backward would materialise a zero [E, F, D] gradient.
+    per_expert = zip(x_ND.split(counts_E.tolist()), w1_EFD.unbind(0), v1_EFD.unbind(0), w2_EFD.unbind(0))
+    for x_nD, w1_FD, v1_FD, w2_FD in per_expert:
+        h_nF = F.silu(x_nD @ w1_FD.t()) * (x_nD @ v1_FD.t())
+        outs.append(h_nF @ w2_FD)
     y_ND = torch.cat(outs)
     # Un-permute with a gather (the inverse permutation) rather than an index_add_ scatter.
     inverse_N = order_N.argsort()
