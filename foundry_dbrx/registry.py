@@ -9,6 +9,7 @@ registrations in code, for a process that imported LLM Foundry before this packa
 ENTRY_POINTS = {
     'llmfoundry_models': ['dbrx = foundry_dbrx.composer_model:ComposerDbrxCausalLM'],
     'llmfoundry_ffns': ['dbrx_moe = foundry_dbrx.moe.layer:build_dbrx_moe_ffn'],
+    'llmfoundry_module_init_fns': ['dbrx_experts = foundry_dbrx.moe.layer:init_dbrx_experts_in_mpt'],
     'llmfoundry_tokenizers': ['dbrx = foundry_dbrx.data.tokenizer:DbrxTokenizer'],
     'llmfoundry_callbacks': ['dbrx_run_summary = foundry_dbrx.summary:RunSummary'],
     'console_scripts': ['foundry-dbrx = foundry_dbrx.cli:main'],
@@ -23,6 +24,7 @@ def register_all() -> None:
     from llmfoundry import layers_registry
 
     registries = {'llmfoundry_models': registry.models, 'llmfoundry_ffns': layers_registry.ffns,
+                  'llmfoundry_module_init_fns': layers_registry.module_init_fns,
                   'llmfoundry_tokenizers': registry.tokenizers, 'llmfoundry_callbacks': registry.callbacks}
     for group, lines in ENTRY_POINTS.items():
         if group not in registries:

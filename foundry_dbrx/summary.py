@@ -11,7 +11,7 @@ from typing import Optional
 
 from composer.core import Callback, State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, format_name_with_dist
 
 __all__ = ['RunSummary']
 
@@ -42,7 +42,7 @@ class RunSummary(Callback):
         folders, files = [], []
         for cb in state.callbacks:
             if type(cb).__name__ == 'CheckpointSaver':
-                folders.append(str(cb.folder))
+                folders.append(format_name_with_dist(str(cb.folder), state.run_name))
                 files.extend(str(p) for p in getattr(cb, 'all_saved_checkpoints_to_timestamp', {}) or {})
         summary = {
             'steps': int(state.timestamp.batch),

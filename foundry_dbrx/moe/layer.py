@@ -99,3 +99,19 @@ def build_dbrx_moe_ffn(d_model: int, expansion_ratio: float, device: Optional[st
     if device == 'mixed':  # LLM Foundry's "rank 0 on cpu, others on meta"; the wrapper materialises later.
         device = None
     return MPTDbrxMoE(d_model, cfg, num_layers=moe_num_layers, device=device)
+
+
+def init_dbrx_experts_in_mpt(module: nn.Module, init_fn_, init_div_is_residual: Any = True,
+                             div_is_residual: float = 1.0, **kwargs: Any) -> bool:
+    """LLM Foundry ``module_init_fns`` entry: MPT's initialiser calls it for every module it walks; it claims
+    our expert weights (w2 divided like MPT's other residual-writing weights)."""
+    from foundry_dbrx.moe.experts import DbrxExpertGLU
+
+    if not isinstance(module, DbrxExpertGLU):
+        return False
+    for w in (module.w1, module.v1, module.w2):
+        init_fn_(w)
+    if init_div_is_residual is not False:
+        with torch.no_grad():
+            module.w2.div_(div_is_residual)
+    return True

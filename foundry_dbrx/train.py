@@ -1,0 +1,58 @@
+"""Train from a YAML: ``python -m foundry_dbrx.train YAML [key=value ...]`` (also ``foundry-dbrx train`` and
+``composer -n N -m foundry_dbrx.train YAML``).
+
+A thin layer over LLM Foundry's ``train``: it makes sure foundry-dbrx's registrations exist even where the
+package is only on ``PYTHONPATH`` (no entry points), adds the run-summary callback, then hands over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ['load_config', 'main']
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('yaml', help='training YAML (LLM Foundry format, model.name: dbrx)')
+    parser.add_argument('overrides', nargs='*', help='dotted overrides, e.g. max_duration=20ba model.n_layers=2')
+
+
+def load_config(yaml_path: str, overrides: Sequence[str] = ()):
+    """The YAML with command-line overrides merged in, plus the run-summary callback."""
+    from omegaconf import OmegaConf as om
+
+    if not os.path.isfile(yaml_path):
+        raise FileNotFoundError(f'training YAML {yaml_path!r} does not exist')
+    cfg = om.load(yaml_path)
+    bad = [o for o in overrides if '=' not in o]
+    if bad:
+        raise ValueError(f'overrides {bad} must look like key=value (for example max_duration=10ba)')
+    if overrides:
+        cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
+    callbacks = cfg.get('callbacks') or {}
+    if 'dbrx_run_summary' not in callbacks:
+        cfg.callbacks = om.merge(callbacks, {'dbrx_run_summary': {}})
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmfoundry.command_utils import train
+
+    from foundry_dbrx.registry import register_all
+
+    register_all()
+    train(load_config(args.yaml, args.overrides))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m foundry_dbrx.train', description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

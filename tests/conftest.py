@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny named configs, in the spirit of LLM Foundry's and torchtitan's test suites."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+# A tiny DBRX with every feature on: GQA, clip_qkv, theta 500000, 16 experts top-4.
+TINY = {
+    'd_model': 32, 'n_heads': 4, 'n_layers': 2, 'max_seq_len': 64, 'vocab_size': 512,
+    'attn_config': {'kv_n_heads': 2, 'clip_qkv': 8.0, 'rope_theta': 500000},
+    'ffn_config': {'ffn_hidden_size': 48, 'moe_num_experts': 16, 'moe_top_k': 4, 'moe_jitter_eps': 0.0,
+                   'moe_loss_weight': 0.05, 'moe_normalize_expert_weights': 1, 'moe_backend': 'eager'},
+}
+
+# The released DBRX (databricks/dbrx config.json), as HF writes it.
+DBRX_132B = {
+    'd_model': 6144, 'n_heads': 48, 'n_layers': 40, 'max_seq_len': 32768, 'vocab_size': 100352,
+    'resid_pdrop': 0.0, 'emb_pdrop': 0.0, 'initializer_range': 0.02, 'tie_word_embeddings': False,
+    'model_type': 'dbrx', 'architectures': ['DbrxForCausalLM'], 'output_router_logits': False,
+    'attn_config': {'attn_pdrop': 0.0, 'clip_qkv': 8, 'kv_n_heads': 8, 'rope_theta': 500000},
+    'ffn_config': {'ffn_hidden_size': 10752, 'moe_jitter_eps': 0, 'moe_loss_weight': 0.05,
+                   'moe_normalize_expert_weights': 1, 'moe_num_experts': 16, 'moe_top_k': 4,
+                   'ffn_act_fn': {'name': 'silu'}},
+}
+
+
+def tiny_config(**overrides) -> dict:
+    """A deep copy of TINY with top-level or nested (``attn_config__kv_n_heads=4``) overrides."""
+    cfg = copy.deepcopy(TINY)
+    for key, value in overrides.items():
+        if '__' in key:
+            outer, inner = key.split('__', 1)
+            cfg[outer][inner] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for a child process: this venv first on PATH, no GPU, quiet warnings."""
+    env = dict(os.environ)
+    env['PATH'] = f'{VENV_BIN}{os.pathsep}{env.get("PATH", "")}'
+    env.setdefault('PYTHONWARNINGS', 'ignore')
+    env['CUDA_VISIBLE_DEVICES'] = ''
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
