@@ -1,0 +1,565 @@
+"""``foundry-dbrx prep-data``: text into MDS shards of fixed-length token samples for LLM Foundry's ``text`` loader.
+
+Inputs: folders of text files (one file = one document), JSONL files (one line = one document, ``--text-field``),
+Hugging Face ``datasets`` saved with ``save_to_disk``, or ``--default``: the Python standard library sources of the
+running interpreter, real text every machine has offline. Documents are tokenized with cl100k_base (DBRX's
+tokenizer), each followed by ``<|endoftext|>`` (100257), concatenated and cut into samples of ``--max-seq-len``
+tokens; the incomplete tail is dropped and reported. Samples go to ``OUT/train`` and ``OUT/val`` as MDS shards with
+one column, ``tokens`` (``ndarray:int32``), the format LLM Foundry's ``convert_dataset_hf --concat_tokens`` writes.
+
+Nothing that looks complete is left behind on failure: shards are written into a temporary folder, which is
+renamed into place (local ``OUT``) or uploaded (``s3://bucket/prefix`` and the other URLs Streaming knows) only once
+every input has been read; ``index.json``, which marks a split complete, is uploaded last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from foundry_dbrx.data.cl100k import ENDOFTEXT_ID, load_cl100k_encoding
+
+__all__ = ['PrepConfig', 'PrepError', 'PrepSummary', 'prep_data', 'default_corpus_files', 'add_arguments', 'run']
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS = ('auto', 'text', 'jsonl', 'hf')
+SPLITS = ('train', 'val')
+MDS_COLUMNS = {'tokens': 'ndarray:int32'}
+# Streaming checks a shard against these when a YAML sets validate_hash (sha1, or the much faster xxh3_64).
+MDS_HASHES = ['sha1', 'xxh3_64']
+INDEX = 'index.json'
+# Folders of the standard library that are not the library: other packages, bytecode, and the test suites
+# (half the tokens, with deliberately odd files such as non-UTF-8 encodings).
+_DEFAULT_CORPUS_SKIP = frozenset({'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'})
+# Text handed to one tokenizer call: large enough to amortise inter-process traffic, small enough to stream.
+_BATCH_CHARS = 1 << 20
+
+
+class PrepError(ValueError):
+    """Bad input or output for prep-data; the message names the file (and line) or the option at fault."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class PrepConfig:
+    """What ``prep-data`` does; every field is a command-line option of the same name (``-`` for ``_``)."""
+
+    inputs: tuple[str, ...] = ()
+    default: bool = False
+    out: str
+    format: str = 'auto'
+    text_field: str = 'text'
+    split: str = 'train'
+    max_seq_len: int = 128
+    val_fraction: float = 0.01
+    max_tokens: Optional[int] = None
+    max_files: Optional[int] = None
+    shard_size: str = '64mb'
+    compression: Optional[str] = None
+    workers: int = 1
+    overwrite: bool = False
+    progress: bool = True
+    tmp_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.default == bool(self.inputs):
+            raise PrepError(f'give input paths or --default, not {"both" if self.default else "neither"} '
+                            f'(inputs {list(self.inputs)!r})')
+        if not self.out:
+            raise PrepError('--out must name a local folder or a remote URL such as s3://bucket/prefix')
+        if self.format not in INPUT_FORMATS:
+            raise PrepError(f'--format ({self.format!r}) must be one of {list(INPUT_FORMATS)}')
+        if not self.text_field:
+            raise PrepError('--text-field must not be empty')
+        for name in ('max_seq_len', 'workers'):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise PrepError(f'--{name.replace("_", "-")} ({value!r}) must be a positive integer')
+        for name in ('max_tokens', 'max_files'):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise PrepError(f'--{name.replace("_", "-")} ({value!r}) must be a positive integer when given')
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise PrepError(f'--val-fraction ({self.val_fraction!r}) must be in [0, 0.5]')
+        if self.compression is not None:
+            from streaming.base.compression import is_compression
+            if not is_compression(self.compression):
+                raise PrepError(f'--compression ({self.compression!r}) is not a compression Streaming knows '
+                                '(for example zstd, gz, bz2, snappy)')
+
+    @property
+    def remote(self) -> bool:
+        return _is_remote(self.out)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS if self.val_fraction > 0 else ('train',)
+
+
+@dataclass(kw_only=True)
+class PrepSummary:
+    """What a prep run produced (printed at the end, returned by :func:`prep_data`)."""
+
+    out: str
+    documents: int = 0
+    empty_documents: int = 0
+    undecodable_files: int = 0
+    tokens: int = 0
+    samples: dict = dataclasses.field(default_factory=lambda: {s: 0 for s in SPLITS})
+    dropped_tail_tokens: int = 0
+    shards: dict = dataclasses.field(default_factory=lambda: {s: 0 for s in SPLITS})
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        skipped = [f'{self.empty_documents} empty']
+        if self.undecodable_files:
+            skipped.append(f'{self.undecodable_files} not UTF-8')
+        return [
+            f'[prep-data] wrote {self.out}',
+            f'[prep-data] documents: {self.documents:,} (skipped: {", ".join(skipped)})',
+            f'[prep-data] tokens: {self.tokens:,} (with one <|endoftext|> per document); dropped tail: '
+            f'{self.dropped_tail_tokens:,} tokens',
+            f'[prep-data] samples: train {self.samples["train"]:,}, val {self.samples["val"]:,}; shards: '
+            f'train {self.shards["train"]}, val {self.shards["val"]}; {self.bytes:,} bytes',
+            f'[prep-data] {self.seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s',
+        ]
+
+
+class Document(NamedTuple):
+    text: str
+    where: str  # file, file:line or dataset[row]: what an error message points at
+
+
+def _is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(path).scheme not in ('', 'file')
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+
+def default_corpus_files(max_files: Optional[int] = None) -> list[str]:
+    """The ``--default`` corpus: the interpreter's standard library ``*.py`` files, sorted by path, tests left out."""
+    root = sysconfig.get_paths()['stdlib']
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _DEFAULT_CORPUS_SKIP)
+        files.extend(os.path.join(folder, n) for n in sorted(names) if n.endswith('.py'))
+    if not files:
+        raise PrepError(f'--default: no *.py files under the standard library folder {root}')
+    return files[:max_files]
+
+
+def _decode(data: bytes, path: str, first_line: int = 1) -> str:
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b'\n', 0, e.start)
+        column = e.start - (data.rfind(b'\n', 0, e.start) + 1) + 1
+        raise PrepError(f'{path}:{line}:{column}: not valid UTF-8 (byte {data[e.start]:#04x}); convert the file '
+                        'to UTF-8 or leave it out') from None
+
+
+def _open(path: str):
+    try:
+        return open(path, 'rb')
+    except OSError as e:
+        raise PrepError(f'{path}: cannot read: {e.strerror or e}') from None
+
+
+def _text_documents(path: str) -> Iterator[Document]:
+    with _open(path) as f:
+        try:
+            data = f.read()
+        except OSError as e:  # a folder named like a file, a vanished network mount ...
+            raise PrepError(f'{path}: cannot read: {e.strerror or e}') from None
+    yield Document(_decode(data, path), path)
+
+
+def _jsonl_documents(path: str, field: str) -> Iterator[Document]:
+    with _open(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f'{path}:{lineno}'
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(_decode(raw, path, lineno))
+            except json.JSONDecodeError as e:
+                raise PrepError(f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
+            if not isinstance(record, dict):
+                raise PrepError(f'{where}: expected a JSON object with a {field!r} field, got '
+                                f'{type(record).__name__}')
+            if field not in record:
+                raise PrepError(f'{where}: no field {field!r} (fields: {sorted(record)}); choose one with '
+                                '--text-field')
+            text = record[field]
+            if not isinstance(text, str):
+                raise PrepError(f'{where}: field {field!r} must be a string, got {type(text).__name__}')
+            yield Document(text, where)
+
+
+def _hf_documents(path: str, field: str, split: str) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise PrepError(f'{path}: reading a Hugging Face dataset needs the datasets package (pip install datasets)')
+    try:
+        ds = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise PrepError(f'{path}: not a dataset saved with save_to_disk: {e}') from None
+    name = path
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PrepError(f'{path}: --split ({split!r}) is not one of the dataset\'s splits {sorted(ds)}')
+        ds, name = ds[split], f'{path}[{split}]'
+    if field not in ds.column_names:
+        raise PrepError(f'{name}: no column {field!r} (columns: {ds.column_names}); choose one with --text-field')
+    row = 0
+    for batch in ds.select_columns([field]).iter(batch_size=1000):
+        for text in batch[field]:
+            if not isinstance(text, str):
+                raise PrepError(f'{name} row {row}: column {field!r} must be a string, got {type(text).__name__}')
+            yield Document(text, f'{name} row {row}')
+            row += 1
+
+
+def _is_hf_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, n)) for n in ('dataset_info.json', 'dataset_dict.json', 'state.json'))
+
+
+def _files_under(path: str) -> list[str]:
+    files = []
+    for folder, subfolders, names in os.walk(path):
+        # Hidden files and folders (.git, editor backups) are not documents.
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
+        files.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith('.'))
+    return files
+
+
+class _Source(NamedTuple):
+    kind: str  # text, jsonl, hf
+    path: str
+
+
+def _plan_sources(cfg: PrepConfig) -> list[_Source]:
+    """Every input resolved to (format, path), in a fixed order, before anything is read."""
+    if cfg.default:
+        return [_Source('text', f) for f in default_corpus_files(cfg.max_files)]
+    sources: list[_Source] = []
+    for path in cfg.inputs:
+        if not os.path.exists(path):
+            raise PrepError(f'input {path}: no such file or folder')
+        if cfg.format == 'hf' or (cfg.format == 'auto' and _is_hf_dataset(path)):
+            sources.append(_Source('hf', path))
+            continue
+        files = _files_under(path) if os.path.isdir(path) else [path]
+        if not files:
+            raise PrepError(f'input {path}: the folder holds no files')
+        for f in files:
+            kind = cfg.format if cfg.format != 'auto' else ('jsonl' if f.endswith('.jsonl') else 'text')
+            sources.append(_Source(kind, f))
+    if cfg.max_files is not None:
+        sources = sources[:cfg.max_files]
+    return sources
+
+
+def _documents(cfg: PrepConfig, sources: Sequence[_Source], counts: PrepSummary) -> Iterator[Document]:
+    for source in sources:
+        if source.kind == 'hf':
+            yield from _hf_documents(source.path, cfg.text_field, cfg.split)
+        elif source.kind == 'jsonl':
+            yield from _jsonl_documents(source.path, cfg.text_field)
+        elif cfg.default:
+            # The default corpus must build on any interpreter: a stray non-UTF-8 file is skipped, not fatal.
+            try:
+                yield from _text_documents(source.path)
+            except PrepError as e:
+                log.info('--default: skipping %s', e)
+                counts.undecodable_files += 1
+        else:
+            yield from _text_documents(source.path)
+
+
+# ------------------------------------------------------------------------------------------------- tokenization
+
+_worker_encoding = None
+
+
+def _init_worker() -> None:
+    global _worker_encoding
+    _worker_encoding = load_cl100k_encoding()
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    # encode_ordinary: a document that contains the text "<|endoftext|>" gets ordinary tokens for it, so only
+    # our separators carry id 100257.
+    return [np.asarray(_worker_encoding.encode_ordinary(t), dtype=np.int32) for t in texts]
+
+
+def _batches(docs: Iterator[Document], counts: PrepSummary) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        if not doc.text:
+            counts.empty_documents += 1
+            continue
+        batch.append(doc.text)
+        chars += len(doc.text)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(batches: Iterator[list[str]], workers: int) -> Iterator[list[np.ndarray]]:
+    """Token arrays batch by batch, in input order; with ``workers > 1`` up to ``2 * workers`` batches in flight."""
+    if workers == 1:
+        _init_worker()
+        for batch in batches:
+            yield _encode_batch(batch)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_encode_batch, batch))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+class _SampleWriter:
+    """Cuts the token stream into samples and sends each to train or val.
+
+    Sample ``i`` goes to val when fewer than ``val_fraction * i`` samples went there before: deterministic, about
+    ``val_fraction`` of the samples, and val is never empty once there are two samples.
+    """
+
+    def __init__(self, folder: str, cfg: PrepConfig):
+        from streaming import MDSWriter
+
+        self.cfg = cfg
+        self.writers = {s: MDSWriter(out=os.path.join(folder, s), columns=MDS_COLUMNS, compression=cfg.compression,
+                                     hashes=MDS_HASHES, size_limit=cfg.shard_size) for s in cfg.splits}
+        self.samples = {s: 0 for s in SPLITS}
+        self.carry = np.zeros(0, dtype=np.int32)
+
+    def add(self, tokens: np.ndarray) -> None:
+        seq = self.cfg.max_seq_len
+        stream = np.concatenate([self.carry, tokens]) if self.carry.size else tokens
+        n = stream.size // seq
+        for i in range(n):
+            total = self.samples['train'] + self.samples['val']
+            split = 'val' if self.samples['val'] < self.cfg.val_fraction * total else 'train'
+            self.writers[split].write({'tokens': stream[i * seq:(i + 1) * seq]})
+            self.samples[split] += 1
+        self.carry = stream[n * seq:].copy()
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def abandon(self) -> None:
+        for writer in self.writers.values():
+            writer.cancel_future_jobs()
+
+
+def _check_local_out(out: str, overwrite: bool) -> None:
+    if os.path.isfile(out):
+        raise PrepError(f'--out {out} is a file; it must be a folder (created if missing)')
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        what = 'holds a dataset' if os.path.isfile(os.path.join(out, 'train', INDEX)) else 'is not empty'
+        raise PrepError(f'--out {out} {what}; pass --overwrite to replace it')
+
+
+def _uploader(local: str, remote: str):
+    from streaming.base.storage.upload import CloudUploader
+
+    try:
+        return CloudUploader.get((local, remote), keep_local=True, exist_ok=True)
+    except Exception as e:  # bad scheme, missing bucket, no credentials: say which URL
+        raise PrepError(f'--out {remote}: cannot write there: {type(e).__name__}: {e}') from None
+
+
+def _check_remote_out(out: str, overwrite: bool, scratch: str) -> None:
+    uploader = _uploader(os.path.join(scratch, 'probe'), out)
+    existing = uploader.list_objects(f'train/{INDEX}') if hasattr(uploader, 'list_objects') else []
+    if existing and not overwrite:
+        raise PrepError(f'--out {out} already holds a dataset (train/{INDEX}); pass --overwrite to replace it')
+
+
+def _upload(folder: str, out: str, splits: Sequence[str]) -> None:
+    uploaders = {s: _uploader(os.path.join(folder, s), f'{out.rstrip("/")}/{s}') for s in splits}
+    # Shards first, index.json last (train's the very last): a reader never finds an index whose shards are not
+    # all there.
+    order = [(s, n) for s in splits for n in sorted(os.listdir(os.path.join(folder, s))) if n != INDEX]
+    order += [(s, INDEX) for s in reversed(splits)]
+    for split, name in order:
+        try:
+            uploaders[split].upload_file(name)
+        except Exception as e:
+            raise PrepError(f'uploading {split}/{name} to {out} failed: {type(e).__name__}: {e}; the remote '
+                            f'dataset is incomplete (no new {split}/{INDEX}): run prep-data again') from None
+
+
+def _install_local(folder: str, out: str) -> None:
+    out = os.path.abspath(out)
+    old = None
+    if os.path.isdir(out):
+        old = os.path.join(os.path.dirname(out), f'.{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}')
+        os.rename(out, old)
+    os.rename(folder, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(folder) for n in names)
+
+
+def _shard_count(folder: str) -> int:
+    with open(os.path.join(folder, INDEX)) as f:
+        return len(json.load(f)['shards'])
+
+
+def prep_data(cfg: PrepConfig) -> PrepSummary:
+    """Tokenizes ``cfg``'s inputs into ``cfg.out/{train,val}``; returns the summary. Raises :class:`PrepError`."""
+    # Streaming takes ~10 s to import (it pulls in torchvision and transformers): not part of the measured time.
+    import streaming  # noqa: F401
+    from tqdm import tqdm
+
+    start = time.time()
+    summary = PrepSummary(out=cfg.out)
+    if cfg.remote:
+        parent = cfg.tmp_dir
+    else:
+        _check_local_out(cfg.out, cfg.overwrite)
+        # A sibling of OUT, so the final rename stays on one filesystem.
+        parent = os.path.dirname(os.path.abspath(cfg.out))
+    parent = parent or tempfile.gettempdir()
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.normpath(cfg.out)) if not cfg.remote else 'prep-data'
+    # mkdir, not mkdtemp: the folder becomes OUT, so it gets the umask's permissions rather than 0700.
+    folder = os.path.join(parent, f'.{name}.partial-{uuid.uuid4().hex[:12]}')
+    os.mkdir(folder)
+    writer = None
+    try:
+        if cfg.remote:
+            _check_remote_out(cfg.out, cfg.overwrite, folder)
+        sources = _plan_sources(cfg)
+        writer = _SampleWriter(folder, cfg)
+        docs = _documents(cfg, sources, summary)
+        total = len(sources) if all(s.kind == 'text' for s in sources) else None
+        with tqdm(total=total, unit='doc', desc='prep-data', disable=not cfg.progress, file=sys.stderr) as bar:
+            def counted(docs: Iterator[Document]) -> Iterator[Document]:
+                for doc in docs:
+                    bar.update(1)
+                    yield doc
+
+            eot = np.array([ENDOFTEXT_ID], dtype=np.int32)
+            cap = cfg.max_tokens if cfg.max_tokens is not None else float('inf')
+            with contextlib.closing(_encoded(_batches(counted(docs), summary), cfg.workers)) as encoded:
+                for batch in encoded:
+                    for tokens in batch:
+                        if summary.tokens >= cap:
+                            break
+                        writer.add(np.concatenate([tokens, eot]))
+                        summary.documents += 1
+                        summary.tokens += tokens.size + 1
+                    bar.set_postfix(tokens=f'{summary.tokens:,}', refresh=False)
+                    if summary.tokens >= cap:
+                        break
+        summary.samples = dict(writer.samples)
+        summary.dropped_tail_tokens = int(writer.carry.size)
+        inputs = 'the default corpus' if cfg.default else ', '.join(cfg.inputs)
+        if summary.documents == 0:
+            raise PrepError(f'empty input: {inputs} gave no documents with text '
+                            f'({summary.empty_documents} empty, {summary.undecodable_files} not UTF-8)')
+        n_samples = summary.samples['train'] + summary.samples['val']
+        if summary.samples['train'] == 0 or (cfg.val_fraction > 0 and summary.samples['val'] == 0):
+            raise PrepError(f'{inputs}: {summary.tokens} tokens make {n_samples} samples of --max-seq-len '
+                            f'{cfg.max_seq_len}; a train and a val split need at least 2 (lower --max-seq-len, '
+                            'or --val-fraction 0 for no val split)')
+        writer.finish()
+        writer = None
+        summary.shards.update({s: _shard_count(os.path.join(folder, s)) for s in cfg.splits})
+        summary.bytes = _folder_bytes(folder)
+        if cfg.remote:
+            _upload(folder, cfg.out, cfg.splits)
+        else:
+            _install_local(folder, cfg.out)
+    finally:
+        if writer is not None:
+            writer.abandon()
+        shutil.rmtree(folder, ignore_errors=True)
+    summary.seconds = time.time() - start
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``foundry-dbrx prep-data``."""
+    parser.add_argument('inputs', nargs='*', metavar='INPUT',
+                        help='text files or folders of them, JSONL files (*.jsonl), or a datasets save_to_disk folder')
+    parser.add_argument('--default', action='store_true',
+                        help='the embedded corpus: this Python\'s standard library sources (about 3M tokens)')
+    parser.add_argument('--out', required=True, help='output folder, or a URL Streaming writes (s3://bucket/prefix)')
+    parser.add_argument('--format', default='auto', choices=INPUT_FORMATS,
+                        help='auto: save_to_disk folders are datasets, *.jsonl is JSONL, anything else is text')
+    parser.add_argument('--text-field', default='text', help='JSONL field / dataset column with the text')
+    parser.add_argument('--split', default='train', help='which split of a saved DatasetDict to read')
+    parser.add_argument('--max-seq-len', type=int, default=128,
+                        help='tokens per sample; match the YAML\'s max_seq_len (128 = yamls/dbrx-tiny.yaml)')
+    parser.add_argument('--val-fraction', type=float, default=0.01, help='share of samples held out in OUT/val')
+    parser.add_argument('--max-tokens', type=int, default=None, help='stop after the document reaching this many tokens')
+    parser.add_argument('--max-files', type=int, default=None, help='read at most this many files')
+    parser.add_argument('--shard-size', default='64mb', help='shard size limit (bytes, or 64mb, 512kb ...)')
+    parser.add_argument('--compression', default=None, help='shard compression Streaming knows (zstd, gz ...)')
+    parser.add_argument('--workers', type=int, default=1, help='tokenizer processes')
+    parser.add_argument('--overwrite', action='store_true', help='replace a dataset already at --out')
+    parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    parser.add_argument('--tmp-dir', default=None,
+                        help='where shards are staged before an upload (default: the system temp folder)')
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``prep-data``; a bad input or option prints one error line and returns 1."""
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepConfig)}
+        values['inputs'] = tuple(values['inputs'])
+        summary = prep_data(PrepConfig(**values))
+    except PrepError as e:
+        print(f'foundry-dbrx prep-data: error: {e}', file=sys.stderr)
+        return 1
+    print('\n'.join(summary.lines()), flush=True)
+    return 0
