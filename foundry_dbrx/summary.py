@@ -46,6 +46,7 @@ class RunSummary(Callback):
                 files.extend(str(p) for p in getattr(cb, 'all_saved_checkpoints_to_timestamp', {}) or {})
         summary = {
             'steps': int(state.timestamp.batch),
+            'world_size': dist.get_world_size(),
             'seconds': round(time.time() - self._start, 1),
             'first_loss': self.losses[0][1] if self.losses else None,
             'last_loss': self.losses[-1][1] if self.losses else None,
