@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import traceback
 from functools import partial
 
@@ -142,6 +143,31 @@ def timed(step, warmup, iters):
     return statistics.median(s.elapsed_time(e) for s, e in events), torch.cuda.max_memory_allocated()
 
 
+def burn_in(seconds, t, d, f, k):
+    if seconds <= 0:
+        return
+    gemms, step = build_dense(t, d, f, k)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        torch.cuda.synchronize()
+    del gemms, step
+    torch.cuda.empty_cache()
+
+
+def merge_rounds(rounds):
+    """One row from the rounds of one measurement: the median time, and the TFLOP/s range over rounds."""
+    ok = [r for r in rounds if 'error' not in r]
+    if not ok:
+        return rounds[0]
+    row = dict(ok[0])
+    row['ms'] = statistics.median(r['ms'] for r in ok)
+    row['tflops'] = ok[0]['tflops'] * ok[0]['ms'] / row['ms']  # same FLOPs each round
+    row['tflops_range'] = (min(r['tflops'] for r in ok), max(r['tflops'] for r in ok))
+    row['peak_gib'] = max(r['peak_gib'] for r in ok)
+    return row
+
+
 def measure(impl, case, t, d, f, e, k, hot_fraction, warmup, iters):
     x_TD, dy_TD, router_ED, n_hot = make_inputs(t, d, e, k, hot_fraction)
     row = dict(case=case, impl=impl, tokens=t, d=d, f=f, experts=e, top_k=k, hot_tokens=n_hot)
@@ -202,6 +228,65 @@ def gateup(t, d, f, e, k, warmup, iters):
     return rows
 
 
+def gemm_study(t, d, f, e, k, warmup, iters):
+    """Each grouped-GEMM shape of a step, in the operand layouts torch._grouped_mm accepts, against the same
+    GEMMs as a per-expert cuBLAS loop (sizes read on the host, as MegaBlocks does): which layouts run fastest?"""
+    gen = torch.Generator(device='cuda').manual_seed(4)
+    n = t * k
+    r = lambda *s: torch.randn(*s, device='cuda', generator=gen, dtype=torch.bfloat16)  # noqa: E731
+    # Equal groups of a multiple of 8 rows: layouts whose ragged dimension is the contiguous one need every group
+    # boundary 16-byte aligned (torch asserts it on the device), which real routing does not give without padding.
+    bounds = [i * n // e // 8 * 8 for i in range(e)] + [n]
+    offs = torch.tensor(bounds[1:], dtype=torch.int32, device='cuda')
+    x_ND, h_NF, w_EFD = r(n, d), r(n, f), r(e, f, d)
+    xT_DN, hT_FN = x_ND.t().contiguous(), h_NF.t().contiguous()
+    gmm = torch._grouped_mm
+
+    def loop(kind):
+        def fn():
+            for i in range(e):
+                s0, s1 = bounds[i], bounds[i + 1]
+                if kind == 'up':
+                    torch.mm(x_ND[s0:s1], w_EFD[i].t())
+                elif kind == 'down':
+                    torch.mm(h_NF[s0:s1], w_EFD[i])
+                else:
+                    torch.mm(h_NF[s0:s1].t(), x_ND[s0:s1])
+        return fn
+
+    variants = {
+        'up   x@w.T     A row, B col (ours: gate, up, dhw)': lambda: gmm(x_ND, w_EFD.transpose(1, 2), offs=offs),
+        'up   x@w.T     A col, B col': lambda: gmm(xT_DN.t(), w_EFD.transpose(1, 2), offs=offs),
+        'up   3d x 2d   w @ x.T -> [F, N], B row': lambda: gmm(w_EFD, xT_DN, offs=offs),
+        'up   3d x 2d   w @ x.T -> [F, N], B col': lambda: gmm(w_EFD, x_ND.t(), offs=offs),
+        'up   cuBLAS loop': loop('up'),
+        'down h@w       A row, B row (ours: down, dx)': lambda: gmm(h_NF, w_EFD, offs=offs),
+        'down h@w       A col, B row': lambda: gmm(hT_FN.t(), w_EFD, offs=offs),
+        'down 3d x 2d   w.T @ h.T -> [D, N], B row': lambda: gmm(w_EFD.transpose(1, 2), hT_FN, offs=offs),
+        'down 3d x 2d   w.T @ h.T -> [D, N], B col': lambda: gmm(w_EFD.transpose(1, 2), h_NF.t(), offs=offs),
+        'down cuBLAS loop': loop('down'),
+        'wgrad h.T@x    A col, B row (ours: dW1, dV1, dW2)': lambda: gmm(h_NF.t(), x_ND, offs=offs),
+        'wgrad h.T@x    A row, B row': lambda: gmm(hT_FN, x_ND, offs=offs),
+        'wgrad h.T@x    A col, B col': lambda: gmm(h_NF.t(), xT_DN.t(), offs=offs),
+        'wgrad h.T@x    A row, B col': lambda: gmm(hT_FN, xT_DN.t(), offs=offs),
+        'wgrad cuBLAS loop': loop('wgrad'),
+    }
+    rows = []
+    for name, fn in variants.items():
+        ms, peak = timed(fn, warmup, iters)
+        tf = 2 * n * d * f / ms / 1e9
+        rows.append(dict(case='gemms', impl=name, tokens=t, ms=ms, tflops=tf, peak_gib=peak / 2 ** 30))
+        print(f'gemms  {name:55s} {ms:7.3f} ms {tf:6.1f} TFLOP/s', flush=True)
+    return rows
+
+
+def _tflops_cell(r):
+    tf, rng = r.get('tflops'), r.get('tflops_range')
+    if not tf:
+        return ''
+    return f'{tf:.1f} [{rng[0]:.0f}-{rng[1]:.0f}]' if rng and len(set(map(round, rng))) > 1 else f'{tf:.1f}'
+
+
 def table(rows):
     """Markdown table; ratios against MegaBlocks' dMoE and the dense ceiling of the same case and token count."""
     lines = ['| case | impl | tokens | hot tokens | ms | TFLOP/s | peak GiB | vs mb_dmoe | vs dense |',
@@ -215,7 +300,7 @@ def table(rows):
         tf = r.get('tflops')
         mb, dense = ref.get((r['case'], r['tokens'], 'mb_dmoe')), ref.get((r['case'], r['tokens'], 'dense'))
         cells = [r['case'], r['impl'], r['tokens'], r.get('hot_tokens', ''), f"{r['ms']:.2f}",
-                 f'{tf:.1f}' if tf else '', f"{r['peak_gib']:.2f}", f'{tf / mb:.3f}x' if tf and mb else '',
+                 _tflops_cell(r), f"{r['peak_gib']:.2f}", f'{tf / mb:.3f}x' if tf and mb else '',
                  f'{tf / dense:.1%}' if tf and dense else '']
         lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
     return '\n'.join(lines)
@@ -247,7 +332,7 @@ def profile(impl, t, d, f, e, k, out_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--cases', default='dbrx,sweep,skew', help='comma list of: dbrx, sweep, skew, gateup')
+    p.add_argument('--cases', default='dbrx,sweep,skew', help='comma list of: dbrx, sweep, skew, gateup, gemms')
     p.add_argument('--only', default=','.join(IMPLS), help=f'comma list of: {", ".join(IMPLS)}')
     p.add_argument('--tokens', type=int, default=8192, help='tokens of the dbrx and skew cases')
     p.add_argument('--sweep', default='2048,4096,8192,16384,32768', help='token counts of the sweep')
@@ -262,6 +347,9 @@ def main(argv=None):
     p.add_argument('--slow-tokens', type=int, default=8192, help='tokens for torch_dmoe and eager')
     p.add_argument('--slow-iters', type=int, default=3)
     p.add_argument('--out', default=os.environ.get('OUT', '.'))
+    p.add_argument('--rounds', type=int, default=2, help='times to run the plan, alternating its order')
+    p.add_argument('--burn-seconds', type=float, default=10.0,
+                   help='dense GEMMs first, so that clocks and temperature are at their steady state')
     p.add_argument('--profile', default='', help='comma list of implementations to profile at the dbrx shape')
     args = p.parse_args(argv)
     cases, only = args.cases.split(','), args.only.split(',')
@@ -272,7 +360,8 @@ def main(argv=None):
 
     header = (f'# MoE layer fwd+bwd, bf16: {torch.cuda.get_device_name()}, torch {torch.__version__}, '
               f'd {d}, f {f}, E {e}, top-{k}; median of {args.iters} after {args.warmup} warm-up '
-              f'({args.slow_iters} for {", ".join(SLOW)})')
+              f'({args.slow_iters} for {", ".join(SLOW)}), median of {args.rounds} rounds in alternating order '
+              f'(TFLOP/s range over rounds in brackets)')
     print(header, flush=True)
     plan = []
     if 'dbrx' in cases:
@@ -282,15 +371,21 @@ def main(argv=None):
                  if impl not in SLOW]
     if 'skew' in cases:
         plan += [('skew', impl, args.tokens, min(args.hot_fraction, 1 / k)) for impl in only if impl not in SLOW]
-    rows = []
-    for case, impl, t, hot in plan:
-        slow = impl in SLOW
-        row = measure(impl, case, t, d, f, e, k, hot, 1 if slow else args.warmup,
-                      args.slow_iters if slow else args.iters)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    burn_in(args.burn_seconds, t=args.tokens, d=d, f=f, k=k)
+    runs: dict[tuple, list] = {}
+    for rnd in range(args.rounds):
+        # Alternate the order, so that no implementation always runs on the coolest (fastest-clocked) GPU.
+        for case, impl, t, hot in (plan if rnd % 2 == 0 else plan[::-1]):
+            slow = impl in SLOW
+            row = measure(impl, case, t, d, f, e, k, hot, 1 if slow else args.warmup,
+                          args.slow_iters if slow else args.iters)
+            runs.setdefault((case, impl, t), []).append(row)
+            print(json.dumps(dict(row, round=rnd)), flush=True)
+    rows = [merge_rounds(runs[(case, impl, t)]) for case, impl, t, _ in plan]
     if 'gateup' in cases:
         rows += gateup(args.tokens, d, f, e, k, args.warmup, args.iters)
+    if 'gemms' in cases:
+        rows += gemm_study(args.tokens, d, f, e, k, args.warmup, args.iters)
     os.makedirs(args.out, exist_ok=True)
     for impl in filter(None, args.profile.split(',')):
         try:

@@ -163,9 +163,10 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, hw.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _glu_backward_kernel(dhw_ptr, g_ptr, u_ptr, w_ptr, dw_ptr, F, stride_dhw, stride_g, stride_u,
-                             BLOCK_F: tl.constexpr):
+    def _glu_backward_kernel(dhw_ptr, g_ptr, u_ptr, w_ptr, dw_ptr, stride_dhw, stride_g, stride_u,
+                             F: tl.constexpr, BLOCK_F: tl.constexpr):
         # One row per program, so the routing-weight gradient is a deterministic in-register reduction.
+        # F is a compile-time constant: the loop bound then stays a Python int in Triton's interpreter too.
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         acc = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -201,16 +202,17 @@ if triton is not None:
         tl.store(out_ptr + tok * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _zero_empty_experts_kernel(grad_ptr, offs_ptr, numel, BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
+    def _zero_empty_experts_kernel(grad_ptr, offs_ptr, NUMEL: tl.constexpr, BLOCK: tl.constexpr,
+                                   PROGRAMS: tl.constexpr):
+        # Masked rather than branched: experts with tokens do no memory traffic, and no loop bound is a tensor.
         e = tl.program_id(0)
         end = tl.load(offs_ptr + e)
         start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-        if end == start:
-            base = grad_ptr + e.to(tl.int64) * numel
-            zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
-            for chunk in range(tl.program_id(1) * BLOCK, numel, PROGRAMS * BLOCK):
-                idx = chunk + tl.arange(0, BLOCK)
-                tl.store(base + idx, zeros, mask=idx < numel)
+        base = grad_ptr + e.to(tl.int64) * NUMEL
+        zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+        for i in range(0, NUMEL, PROGRAMS * BLOCK):
+            idx = i + tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(base + idx, zeros, mask=(idx < NUMEL) & (end == start))
 
 
 class TritonOps:
@@ -237,8 +239,8 @@ class TritonOps:
         n, f = g_NF.shape
         dw_N = torch.empty(n, dtype=torch.float32, device=g_NF.device)
         if n:
-            _glu_backward_kernel[(n,)](dhw_NF, g_NF, u_NF, w_N, dw_N, f, dhw_NF.stride(0), g_NF.stride(0),
-                                       u_NF.stride(0), BLOCK_F=1024, num_warps=4)
+            _glu_backward_kernel[(n,)](dhw_NF, g_NF, u_NF, w_N, dw_N, dhw_NF.stride(0), g_NF.stride(0),
+                                       u_NF.stride(0), F=f, BLOCK_F=1024, num_warps=4)
         return dw_N
 
     @staticmethod
@@ -262,8 +264,13 @@ class TritonOps:
         assert grad_EFD.is_contiguous()
         e = grad_EFD.shape[0]
         programs = 64
-        _zero_empty_experts_kernel[(e, programs)](grad_EFD, offs_E, grad_EFD[0].numel(), BLOCK=4096,
+        _zero_empty_experts_kernel[(e, programs)](grad_EFD, offs_E, NUMEL=grad_EFD[0].numel(), BLOCK=4096,
                                                   PROGRAMS=programs, num_warps=4)
+
+
+def _release(t: torch.Tensor) -> None:
+    """Frees a dead saved buffer now (safe here: a second backward through the same graph is refused)."""
+    t.untyped_storage().resize_(0)
 
 
 class _GroupedGLUExperts(torch.autograd.Function):
@@ -309,8 +316,12 @@ class _GroupedGLUExperts(torch.autograd.Function):
             dxb_ND = ops.gmm(du_NF, v1_EFD, offs_E)
             dx_TD = ops.unpermute_sum(dxa_ND, plan.pos_N, k, dxb_ND)
             del dxa_ND, dxb_ND
+        # dg and du are saved tensors, which autograd frees only after backward returns; free each as soon as its
+        # weight gradient is done, so the last weight gradient does not stack on both (peak memory).
         dw1 = ops.gmm(dg_NF.t(), x_ND, offs_E) if need_w1 else None
+        _release(dg_NF)
         dv1 = ops.gmm(du_NF.t(), x_ND, offs_E) if need_v1 else None
+        _release(du_NF)
         for grad in (dw1, dv1, dw2):
             if grad is not None:
                 ops.zero_empty_experts(grad, offs_E)
