@@ -38,17 +38,26 @@ class ComposerDbrxCausalLM(ComposerModel):
         init_device: ``cpu``, ``cuda``, ``meta`` (FSDP materialises and initialises block by block) or
             ``mixed`` (LLM Foundry's name for meta on all ranks but 0, treated as meta here).
         use_train_metrics: compute cross entropy and perplexity metrics on training batches.
+        pretrained_hf_dir: a local HF DBRX folder to start from: its config.json fills in every field the YAML
+            leaves out (architecture fields the YAML does give must agree) and its weights are loaded.
         **model_config: a DBRX config (``DbrxConfig`` field names: d_model, n_heads, ..., attn_config, ffn_config).
     """
 
     def __init__(self, tokenizer: Any = None, init_device: str = 'cpu', use_train_metrics: bool = True,
-                 **model_config: Any):
+                 pretrained_hf_dir: Optional[str] = None, **model_config: Any):
         super().__init__()
-        self.config = DbrxConfig.from_dict(model_config)
+        if pretrained_hf_dir is None:
+            self.config = DbrxConfig.from_dict(model_config)
+        else:
+            from foundry_dbrx.hf import config_with_hf
+            self.config = config_with_hf(pretrained_hf_dir, model_config)
         if init_device not in ('cpu', 'cuda', 'meta', 'mixed'):
             raise ValueError(f"init_device ({init_device!r}) must be one of ['cpu', 'cuda', 'meta', 'mixed']")
         device = 'meta' if init_device == 'mixed' else init_device
         self.model = attach_composer_hooks(DbrxForCausalLM(self.config, device=device))
+        if pretrained_hf_dir is not None:
+            from foundry_dbrx.hf import load_pretrained_hf
+            load_pretrained_hf(self.model, pretrained_hf_dir)  # now, or module by module as FSDP materialises meta
         self.tokenizer = tokenizer
         counts = self.config.num_params()
         self.n_active_params = counts['active']
