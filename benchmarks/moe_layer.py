@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from foundry_dbrx.config import DbrxFFNConfig  # noqa: E402
 from foundry_dbrx.moe import BACKENDS, DbrxFFN  # noqa: E402
 
-IMPLS = ('dense', 'grouped_mm', 'megablocks', 'mb_dmoe', 'torch_dmoe', 'eager')
+IMPLS = ('dense', 'grouped_mm', 'megablocks', 'grouped_mm_triton', 'mb_dmoe', 'torch_dmoe', 'eager')
 SLOW = ('torch_dmoe', 'eager')  # run at --slow-tokens with --slow-iters only, in the dbrx case
 
 
@@ -280,6 +280,45 @@ def gemm_study(t, d, f, e, k, warmup, iters):
     return rows
 
 
+TRITON_CONFIGS = {
+    '128x256x64 w8 s3': dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+    '128x256x64 w8 s4': dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=4),
+    '256x128x64 w8 s3': dict(BM=256, BN=128, BK=64, num_warps=8, num_stages=3),
+    '128x128x64 w4 s4': dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
+}
+
+
+def triton_gemm_study(t, d, f, e, k, warmup, iters):
+    """The Triton grouped GEMM against torch._grouped_mm, per GEMM form of a step, on real (unaligned) routing."""
+    from foundry_dbrx.moe.grouped_mm import plan_routing, triton_gmm
+    gen = torch.Generator(device='cuda').manual_seed(5)
+    n = t * k
+    r = lambda *s: torch.randn(*s, device='cuda', generator=gen, dtype=torch.bfloat16)  # noqa: E731
+    experts_TK = torch.rand(t, e, device='cuda', generator=gen).topk(k, dim=1).indices
+    offs = plan_routing(experts_TK, e).offs_E
+    x_ND, h_NF, w_EFD = r(n, d), r(n, f), r(e, f, d)
+    forms = {'up x@w.T': (x_ND, w_EFD.transpose(1, 2)), 'down h@w': (h_NF, w_EFD), 'wgrad h.T@x': (h_NF.t(), x_ND)}
+    rows = []
+    for form, (a, b) in forms.items():
+        want = torch._grouped_mm(a, b, offs=offs)
+        candidates = {'torch._grouped_mm': lambda: torch._grouped_mm(a, b, offs=offs)}
+        for cname, cfg in TRITON_CONFIGS.items():
+            candidates[f'triton {cname}'] = partial(triton_gmm, a, b, offs, cfg)
+        for name, fn in candidates.items():
+            try:
+                err = (fn().float() - want.float()).abs().max().item()
+                ms, peak = timed(fn, warmup, iters)
+            except Exception as exc:
+                print(f'triton_gemm {form:12s} {name:28s} error: {exc}'.splitlines()[0][:200], flush=True)
+                continue
+            tf = 2 * n * d * f / ms / 1e9
+            rows.append(dict(case='triton_gemm', impl=f'{form}: {name}', tokens=t, ms=ms, tflops=tf,
+                             peak_gib=peak / 2 ** 30, max_abs_diff=err))
+            print(f'triton_gemm {form:12s} {name:28s} {ms:7.3f} ms {tf:6.1f} TFLOP/s  max|diff| {err:.3g}',
+                  flush=True)
+    return rows
+
+
 def _tflops_cell(r):
     tf, rng = r.get('tflops'), r.get('tflops_range')
     if not tf:
@@ -332,7 +371,7 @@ def profile(impl, t, d, f, e, k, out_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--cases', default='dbrx,sweep,skew', help='comma list of: dbrx, sweep, skew, gateup, gemms')
+    p.add_argument('--cases', default='dbrx,sweep,skew', help='comma list of: dbrx, sweep, skew, gateup, gemms, triton_gemm')
     p.add_argument('--only', default=','.join(IMPLS), help=f'comma list of: {", ".join(IMPLS)}')
     p.add_argument('--tokens', type=int, default=8192, help='tokens of the dbrx and skew cases')
     p.add_argument('--sweep', default='2048,4096,8192,16384,32768', help='token counts of the sweep')
@@ -386,6 +425,8 @@ def main(argv=None):
         rows += gateup(args.tokens, d, f, e, k, args.warmup, args.iters)
     if 'gemms' in cases:
         rows += gemm_study(args.tokens, d, f, e, k, args.warmup, args.iters)
+    if 'triton_gemm' in cases:
+        rows += triton_gemm_study(args.tokens, d, f, e, k, args.warmup, args.iters)
     os.makedirs(args.out, exist_ok=True)
     for impl in filter(None, args.profile.split(',')):
         try:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 __all__ = ['DbrxAttentionConfig', 'DbrxFFNConfig', 'DbrxConfig', 'MOE_BACKENDS', 'LB_LOSS_TYPES']
 
 # Names of the expert backends a config may ask for; the classes live in ``foundry_dbrx.moe.experts``.
-MOE_BACKENDS = ('auto', 'eager', 'grouped_mm', 'megablocks')
+MOE_BACKENDS = ('auto', 'eager', 'grouped_mm', 'megablocks', 'grouped_mm_triton')
 # 'switch': HF DBRX / Switch Transformer, E * sum_e f_e P_e over all layers' tokens concatenated.
 # 'megablocks': MegaBlocks / LLM Foundry, per-layer E/(T*k) * sum_e count_e * mean_p_e, averaged over layers.
 LB_LOSS_TYPES = ('switch', 'megablocks')

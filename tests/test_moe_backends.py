@@ -168,14 +168,40 @@ _INTERPRETER_SCRIPT = textwrap.dedent('''
     from foundry_dbrx.moe.grouped_mm import TorchOps, TritonOps, grouped_mm_experts
     import test_moe_backends as t
 
+    import numpy as np
+    from foundry_dbrx.moe import grouped_mm
+
     class InterpretedOps(TritonOps):
         gmm = staticmethod(TorchOps.gmm)  # torch._grouped_mm has no CPU kernel in torch 2.7
 
+    # The interpreter runs a loop whose bound is loaded from memory (the weight-gradient GEMM's token range) through
+    # int() of a 1-element array, which NumPy >= 2.3 refuses; the compiled kernel is checked on the GPU instead.
+    try:
+        int(np.array([1]))
+        loaded_loop_bounds = True
+    except TypeError:
+        loaded_loop_bounds = False
+    for form in grouped_mm.TRITON_GEMM_CONFIG.values():
+        form.update(BM=16, BN=16, BK=16, GROUP_M=2)  # small tiles: the interpreter is slow
     for kind in t.ROUTINGS:
         leaves, experts_TK, dy_TD = t.make_inputs(t=13, d=16, f=40, e=6, k=2, kind=kind)
         want = t.run(eager_experts, leaves, experts_TK, dy_TD)
-        got = t.run(grouped_mm_experts, leaves, experts_TK, dy_TD, ops=InterpretedOps)
-        t.assert_close_all(got, want, rtol=1e-4, atol=1e-5)
+        for ops in (InterpretedOps, grouped_mm.TritonGemmOps) if loaded_loop_bounds else (InterpretedOps,):
+            got = t.run(grouped_mm_experts, leaves, experts_TK, dy_TD, ops=ops)
+            t.assert_close_all(got, want, rtol=1e-4, atol=1e-5)
+
+    # The Triton grouped GEMM alone: both forms, transposed operands, empty groups, a group count not a power of 2.
+    gen = torch.Generator().manual_seed(6)
+    for ends in ([5, 5, 40, 41, 70], [0, 0, 33], [17, 17, 17, 17]):
+        offs_E = torch.tensor(ends, dtype=torch.int32)
+        a_ND = torch.randn(ends[-1], 24, generator=gen)
+        for b in (torch.randn(len(ends), 24, 40, generator=gen),
+                  torch.randn(len(ends), 40, 24, generator=gen).transpose(1, 2)):
+            torch.testing.assert_close(grouped_mm.triton_gmm(a_ND, b, offs_E), TorchOps.gmm(a_ND, b, offs_E))
+        c_NF = torch.randn(ends[-1], 40, generator=gen)
+        if loaded_loop_bounds:
+            torch.testing.assert_close(grouped_mm.triton_gmm(a_ND.t(), c_NF, offs_E),
+                                       TorchOps.gmm(a_ND.t(), c_NF, offs_E))
 
     # The empty-expert zero fill, on a gradient that is not zero to begin with.
     grad = torch.ones(4, 3, 5)
@@ -187,7 +213,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent('''
 
 
 def test_triton_kernels_in_the_interpreter():
-    """The Triton kernels, run by Triton's CPU interpreter inside the full autograd function, against eager."""
+    """The Triton kernels (the grouped GEMM too), run by Triton's CPU interpreter inside the full autograd
+    function, against eager."""
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1')
     env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(__file__), env.get('PYTHONPATH', '')])
@@ -204,7 +231,7 @@ def test_backend_table_and_auto_on_cpu():
     with pytest.raises(RuntimeError, match="'grouped_mm' cannot run on cpu"):
         resolve_backend('grouped_mm', torch.device('cpu'))
     assert [b.name for b in sorted(BACKENDS.values(), key=lambda b: -b.priority)] == [
-        'grouped_mm', 'megablocks', 'eager']
+        'grouped_mm', 'megablocks', 'grouped_mm_triton', 'eager']
 
 
 def test_megablocks_missing_gives_the_install_hint(monkeypatch):
@@ -240,8 +267,11 @@ def _check_bf16(diffs, got, ref32):
         assert bd <= 2 * ed + 1e-2 * scale, f'{name}: backend err {bd:.3e} vs eager bf16 err {ed:.3e}'
 
 
+FAST = ['grouped_mm', 'megablocks', 'grouped_mm_triton']
+
+
 @cuda
-@pytest.mark.parametrize('backend', ['grouped_mm', 'megablocks'])
+@pytest.mark.parametrize('backend', FAST)
 @pytest.mark.parametrize('kind', ROUTINGS)
 def test_backend_matches_eager_cuda(backend, kind):
     reason = BACKENDS[backend].available(torch.device('cuda'))
@@ -260,7 +290,7 @@ def test_backend_matches_eager_cuda(backend, kind):
 
 
 @cuda
-@pytest.mark.parametrize('backend', ['grouped_mm', 'megablocks'])
+@pytest.mark.parametrize('backend', FAST)
 def test_backend_through_the_full_ffn_cuda(backend):
     if BACKENDS[backend].available(torch.device('cuda')):
         pytest.skip(BACKENDS[backend].available(torch.device('cuda')))
@@ -285,22 +315,25 @@ def test_backend_through_the_full_ffn_cuda(backend):
 
 
 @cuda
-def test_grouped_mm_has_no_host_sync_cuda():
-    if grouped_mm.available(torch.device('cuda')):
-        pytest.skip(grouped_mm.available(torch.device('cuda')))
+@pytest.mark.parametrize('backend', ['grouped_mm', 'grouped_mm_triton'])
+def test_no_host_sync_cuda(backend):
+    reason = BACKENDS[backend].available(torch.device('cuda'))
+    if reason:
+        pytest.skip(reason)
+    fn = BACKENDS[backend].fn
     leaves, experts_TK, dy_TD = make_inputs(t=512, d=256, f=384, e=8, k=2, kind='skewed', device='cuda',
                                             dtype=torch.bfloat16)
-    run(grouped_mm_experts, leaves, experts_TK, dy_TD)  # compile the kernels first
+    run(fn, leaves, experts_TK, dy_TD)  # compile the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
-        run(grouped_mm_experts, leaves, experts_TK, dy_TD)
+        run(fn, leaves, experts_TK, dy_TD)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
 
 @cuda
-def test_grouped_mm_op_matches_the_cpu_stand_in_cuda():
+def test_grouped_gemms_match_the_cpu_stand_in_cuda():
     if not hasattr(torch, '_grouped_mm'):
         pytest.skip('torch has no _grouped_mm')
     gen = torch.Generator().manual_seed(5)
@@ -308,8 +341,9 @@ def test_grouped_mm_op_matches_the_cpu_stand_in_cuda():
     a_ND = torch.randn(333, 64, generator=gen).bfloat16()
     b_EDF = torch.randn(5, 64, 48, generator=gen).bfloat16()
     c_NF = torch.randn(333, 48, generator=gen).bfloat16()
-    for a, b in ((a_ND, b_EDF), (a_ND.t(), c_NF)):
+    for a, b in ((a_ND, b_EDF), (a_ND.t(), c_NF), (a_ND, b_EDF.transpose(1, 2).contiguous().transpose(1, 2))):
         want = TorchOps.gmm(a.float(), b.float(), offs_E)
-        got = torch._grouped_mm(a.cuda(), b.cuda(), offs=offs_E.cuda())
-        torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2)
+        for gmm in (torch._grouped_mm, grouped_mm.triton_gmm):
+            got = gmm(a.cuda(), b.cuda(), offs=offs_E.cuda())
+            torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2)
     assert resolve_backend('auto', torch.device('cuda')).name in ('grouped_mm', 'megablocks', 'eager')

@@ -84,6 +84,9 @@ BACKENDS: dict[str, ExpertBackend] = {
                                 priority=10, note="MegaBlocks' dropless grouped GEMMs, bf16 only"),
     'grouped_mm': ExpertBackend('grouped_mm', grouped_mm.grouped_mm_experts, grouped_mm.available, priority=20,
                                 note='torch._grouped_mm + fused Triton kernels, no host sync'),
+    'grouped_mm_triton': ExpertBackend('grouped_mm_triton', grouped_mm.grouped_mm_triton_experts,
+                                       grouped_mm.triton_gemm_available, priority=5,
+                                       note='grouped_mm with Triton GEMMs, for torch without _grouped_mm'),
 }
 
 

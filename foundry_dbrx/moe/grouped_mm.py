@@ -22,8 +22,12 @@ Backward:
   4. ``dx_TD[t] = sum_k dx_ND[pos_TK[t, k]]`` (the two dx GEMM outputs are summed inside the gather)
 
 Gate and up: w1 and v1 are separate ``[E*F, D]`` parameters (HF's layout, shared with MegaBlocks), so no strided
-view makes them one ``[E, D, 2F]`` operand; fusing them costs a 4.2 GB weight copy per step at DBRX size, and
-the gradient split costs as much again. ``benchmarks/moe_layer.py --only gateup`` measures it; two GEMMs win.
+view makes them one ``[E, D, 2F]`` operand. Concatenating them costs a 4.2 GB copy per step at DBRX size (3.0 ms
+on an H100, against 12.9 ms for both GEMMs) for no GEMM speed-up (12.7 ms on weights already concatenated), and
+splitting the gradient costs as much again: ``benchmarks/moe_layer.py --cases gateup``. Two GEMMs it is.
+
+``grouped_mm_triton`` is the same function with the GEMMs in Triton too (``triton_gmm``), for torch without
+``torch._grouped_mm`` (the pinned 2.7); on an H100 its GEMMs run at 80-98% of ``torch._grouped_mm``'s.
 
 Legend: T tokens, D d_model, F ffn_hidden_size, E experts, K top_k, N = T*K routed slots in expert order.
 """
@@ -41,8 +45,8 @@ try:
 except ImportError:  # CPU-only installs without Triton still get the reference ops
     triton = None
 
-__all__ = ['available', 'grouped_mm_experts', 'RoutingPlan', 'plan_routing', 'TorchOps', 'TritonOps',
-           'compute_dtype_cast']
+__all__ = ['available', 'triton_gemm_available', 'grouped_mm_experts', 'grouped_mm_triton_experts', 'RoutingPlan',
+           'plan_routing', 'TorchOps', 'TritonOps', 'TritonGemmOps', 'triton_gmm', 'compute_dtype_cast']
 
 
 def available(device: torch.device) -> Optional[str]:
@@ -57,6 +61,18 @@ def available(device: torch.device) -> Optional[str]:
     if major not in (9, 10):
         # Elsewhere torch._grouped_mm loops over the experts after reading their counts back to the host.
         return f'torch._grouped_mm has a fast path on sm90/sm100 only (this GPU is sm{major}{minor})'
+    return None
+
+
+def triton_gemm_available(device: torch.device) -> Optional[str]:
+    """None where ``grouped_mm_triton`` (every GEMM in Triton too) runs on ``device``, else why not."""
+    if device.type != 'cuda':
+        return f'needs a CUDA device (got {device.type})'
+    if triton is None:
+        return 'needs Triton'
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f'needs sm80 or newer for bf16 tensor cores (this GPU is sm{major}{minor})'
     return None
 
 
@@ -214,6 +230,72 @@ if triton is not None:
             idx = i + tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             tl.store(base + idx, zeros, mask=(idx < NUMEL) & (end == start))
 
+    @triton.jit
+    def _gmm_tile(pid, tiles_m, num_n, GROUP_M: tl.constexpr):
+        # Grouped ordering: GROUP_M row tiles sweep the columns together, so each weight tile is read from HBM
+        # once per GROUP_M row tiles instead of once per row tile.
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+    @triton.jit
+    def _gmm_rows_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, tile_end_ptr, N, stride_am, stride_ak, stride_be,
+                         stride_bk, stride_bn, stride_om, stride_on, E: tl.constexpr, K: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        # out[rows of e] = a[rows of e] @ b[e]. Expert e owns programs [tile_end[e-1], tile_end[e]) * num_n, with
+        # tile_end the cumulative count of BM-row tiles (computed on the device); the programs past the last exit.
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BN)
+        experts = tl.arange(0, E)
+        ends = tl.load(tile_end_ptr + experts)
+        if pid >= tl.max(ends) * num_n:
+            return
+        e = tl.sum((ends * num_n <= pid).to(tl.int32))
+        tile_start = tl.load(tile_end_ptr + e - 1, mask=e > 0, other=0)
+        row_start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        row_end = tl.load(offs_ptr + e)
+        m, n = _gmm_tile(pid - tile_start * num_n, tl.load(tile_end_ptr + e) - tile_start, num_n, GROUP_M)
+        rows = row_start + m * BM + tl.arange(0, BM)
+        cols = n * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak
+        b_ptrs = b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptrs, mask=(rows[:, None] < row_end) & (k + ks[None, :] < K), other=0.0)
+            b = tl.load(b_ptrs, mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            acc += tl.dot(a, b)
+            a_ptrs += BK * stride_ak
+            b_ptrs += BK * stride_bk
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < row_end) & (cols[None, :] < N))
+
+    @triton.jit
+    def _gmm_k_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, stride_am, stride_ak, stride_bk, stride_bn, stride_oe,
+                      stride_om, stride_on, M: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, GROUP_M: tl.constexpr):
+        # out[e] = a[:, ks of e] @ b[ks of e]: the weight-gradient form, contraction over expert e's tokens.
+        pid = tl.program_id(0)
+        tiles_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        e = pid // (tiles_m * num_n)
+        m, n = _gmm_tile(pid % (tiles_m * num_n), tiles_m, num_n, GROUP_M)
+        k_start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        k_end = tl.load(offs_ptr + e)
+        rows = m * BM + tl.arange(0, BM)
+        cols = n * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k in range(k_start, k_end, BK):
+            kk = (k + ks).to(tl.int64)
+            a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=(rows[:, None] < M) & (kk[None, :] < k_end), other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=(kk[:, None] < k_end) & (cols[None, :] < N), other=0.0)
+            acc += tl.dot(a, b)
+        out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
 
 class TritonOps:
     """The fast path: ``torch._grouped_mm`` and the Triton kernels above (CUDA, or Triton's CPU interpreter)."""
@@ -347,3 +429,52 @@ def grouped_mm_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK:
     no_autocast = torch.autocast('cuda', enabled=False) if x_TD.is_cuda else contextlib.nullcontext()
     with no_autocast:
         return _GroupedGLUExperts.apply(x_TD.contiguous(), weights_TK, w1_EFD, v1_EFD, w2_EFD, experts_TK, ops)
+
+
+# Tile shapes for the Triton grouped GEMM, per form (rows grouped / contraction grouped): the best of the few that
+# `benchmarks/moe_layer.py --cases triton_gemm` compares, on an H100 with Triton 3.6 at the DBRX shape.
+TRITON_GEMM_CONFIG = {'rows': dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+                      'k': dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)}
+
+
+def triton_gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config: Optional[dict] = None) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=offs_E)`` in Triton, for the two forms the experts use, without host sync:
+    2D x 3D (a's rows grouped by expert, ``b[e]`` per group) and 2D x 2D (contraction grouped: ``out[e] =
+    a[:, group] @ b[group]``). Any strides; bf16 or fp32. ``offs`` as torch._grouped_mm names it."""
+    offs_E = offs
+    cfg = dict(TRITON_GEMM_CONFIG['rows' if b.dim() == 3 else 'k'], **(config or {}))
+    bm, bn, bk, group_m = cfg.pop('BM'), cfg.pop('BN'), cfg.pop('BK'), cfg.pop('GROUP_M')
+    num_experts = offs_E.shape[0]
+    if b.dim() == 3:
+        rows, k = a.shape
+        n = b.shape[2]
+        out = torch.empty((rows, n), dtype=a.dtype, device=a.device)
+        counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+        tile_end_E = torch.cumsum(torch.div(counts_E + bm - 1, bm, rounding_mode='floor'), 0).to(torch.int32)
+        e_pad = triton.next_power_of_2(num_experts)
+        if e_pad != num_experts:  # padded experts own no tiles
+            tile_end_E = torch.cat([tile_end_E, tile_end_E[-1:].expand(e_pad - num_experts)])
+        grid = ((triton.cdiv(rows, bm) + num_experts) * triton.cdiv(n, bn),)  # an upper bound: no sync
+        _gmm_rows_kernel[grid](a, b, out, offs_E, tile_end_E, n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                               b.stride(2), out.stride(0), out.stride(1), E=e_pad, K=k, BM=bm, BN=bn, BK=bk,
+                               GROUP_M=group_m, **cfg)
+        return out
+    m, n = a.shape[0], b.shape[1]
+    out = torch.empty((num_experts, m, n), dtype=a.dtype, device=a.device)
+    grid = (num_experts * triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gmm_k_kernel[grid](a, b, out, offs_E, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                        out.stride(1), out.stride(2), M=m, N=n, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, **cfg)
+    return out
+
+
+class TritonGemmOps(TritonOps):
+    """TritonOps with the grouped GEMMs in Triton as well: torch without ``_grouped_mm`` (the pinned 2.7)."""
+
+    gmm = staticmethod(triton_gmm)
+
+
+def grouped_mm_triton_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
+                              w1_EFD: torch.Tensor, v1_EFD: torch.Tensor, w2_EFD: torch.Tensor) -> torch.Tensor:
+    """The ``grouped_mm_triton`` backend: ``grouped_mm`` with its GEMMs in Triton, for torch without
+    ``torch._grouped_mm`` (the pinned 2.7) and GPUs without its fast path (sm80)."""
+    return grouped_mm_experts(x_TD, weights_TK, experts_TK, w1_EFD, v1_EFD, w2_EFD, ops=TritonGemmOps)
