@@ -48,7 +48,8 @@ from foundry_dbrx.config import DbrxConfig
 
 __all__ = ['KEY_TABLE', 'COMPOSER_MODEL_PREFIX', 'KeyMismatchError', 'expected_shapes', 'check_keys',
            'hf_to_composer', 'composer_to_hf', 'save_hf_checkpoint', 'load_hf_config', 'config_with_hf',
-           'read_config_source', 'load_hf_weights', 'hf_param_init_fn', 'load_pretrained_hf', 'parse_size', 'add_arguments', 'run']
+           'read_config_source', 'load_hf_weights', 'hf_param_init_fn', 'load_pretrained_hf',
+           'gather_full_state_dict', 'unwrap_ddp', 'parse_size', 'add_arguments', 'run']
 
 log = logging.getLogger(__name__)
 
@@ -784,6 +785,48 @@ def load_pretrained_hf(model: nn.Module, hf_dir: PathLike) -> None:
     else:
         load_hf_weights(model, hf_dir)
         log.info('loaded weights from %s', hf_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Full weights of a (possibly FSDP-sharded) training model, for dbrx_hf_checkpointer
+# --------------------------------------------------------------------------------------------------------------------
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def gather_full_state_dict(composer_model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """The full, unsharded weights of a ``ComposerDbrxCausalLM`` (anything holding the net as ``.model``), HF key
+    names, on CPU, on rank 0; None on other ranks.
+
+    Every rank must call it: under FSDP the gather is a collective. FSDP1 (Composer's FSDP) gathers through
+    ``FSDP.state_dict_type(FULL_STATE_DICT, rank0_only)``; FSDP2 / DTensor parameters through ``full_tensor()``;
+    a plain or DDP model is copied as it is. Rank 0 holds the whole model in CPU memory, as LLM Foundry's
+    ``hf_checkpointer`` does.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    model = unwrap_ddp(composer_model)
+    if any(isinstance(m, FSDP) for m in model.modules()):
+        # Offload to CPU only from an accelerator: with CPU parameters torch 2.7's offload path crashes (seen on
+        # gloo), and there is nothing to offload anyway.
+        on_cpu = all(p.device.type == 'cpu' for p in model.parameters())
+        cfg = FullStateDictConfig(offload_to_cpu=not on_cpu, rank0_only=True)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+            state_dict = model.state_dict()
+    else:
+        from torch.distributed.tensor import DTensor
+        state_dict = {}
+        for key, value in model.state_dict().items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()  # collective: every rank runs it, in the same key order
+            state_dict[key] = value
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    # Clone to CPU: the export must not alias live parameters that the next optimizer step changes.
+    return {_strip_wrappers(k).removeprefix(COMPOSER_MODEL_PREFIX): v.detach().to('cpu', copy=True)
+            for k, v in state_dict.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------

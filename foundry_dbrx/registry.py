@@ -11,7 +11,9 @@ ENTRY_POINTS = {
     'llmfoundry_ffns': ['dbrx_moe = foundry_dbrx.moe.layer:build_dbrx_moe_ffn'],
     'llmfoundry_module_init_fns': ['dbrx_experts = foundry_dbrx.moe.layer:init_dbrx_experts_in_mpt'],
     'llmfoundry_tokenizers': ['dbrx = foundry_dbrx.data.tokenizer:DbrxTokenizer'],
-    'llmfoundry_callbacks': ['dbrx_run_summary = foundry_dbrx.summary:RunSummary'],
+    'llmfoundry_dataloaders': ['dbrx_text = foundry_dbrx.data.loader:build_dbrx_text_dataloader'],
+    'llmfoundry_callbacks': ['dbrx_run_summary = foundry_dbrx.summary:RunSummary',
+                             'dbrx_hf_checkpointer = foundry_dbrx.callbacks:DbrxHFCheckpointer'],
     'console_scripts': ['foundry-dbrx = foundry_dbrx.cli:main'],
 }
 
@@ -25,7 +27,8 @@ def register_all() -> None:
 
     registries = {'llmfoundry_models': registry.models, 'llmfoundry_ffns': layers_registry.ffns,
                   'llmfoundry_module_init_fns': layers_registry.module_init_fns,
-                  'llmfoundry_tokenizers': registry.tokenizers, 'llmfoundry_callbacks': registry.callbacks}
+                  'llmfoundry_tokenizers': registry.tokenizers, 'llmfoundry_callbacks': registry.callbacks,
+                  'llmfoundry_dataloaders': registry.dataloaders}
     for group, lines in ENTRY_POINTS.items():
         if group not in registries:
             continue
