@@ -264,6 +264,7 @@ def hf_config_dict(cfg: DbrxConfig, dtype: Optional[torch.dtype] = None, base: O
                          "transformers' DBRX has no eps field and always uses that value")
     out = {k: v for k, v in (base or {}).items() if k not in ('auto_map', '_name_or_path')}
     ours = cfg.to_hf_dict()
+    ours['ffn_config']['ffn_act_fn'] = ours['ffn_config']['ffn_act_fn'] or {'name': 'silu'}  # HF's spelling of null
     for section in ('attn_config', 'ffn_config'):
         ours[section] = {**(out.get(section) or {}), **ours[section]}
     out.update(ours)

@@ -179,6 +179,14 @@ def test_composer_checkpoint_checked_against_the_given_config(hf_dir, tmp_path):
     assert not (tmp_path / 'export').exists() and leftovers(tmp_path) == []
 
 
+def test_export_refuses_what_transformers_cannot_express(hf_dir, tmp_path):
+    pt = hf.hf_to_composer(hf_dir, tmp_path / 'dbrx.pt')
+    odd_eps = DbrxConfig.from_dict({**CFG, 'layer_norm_eps': 1e-6})
+    with pytest.raises(ValueError, match=r'layer_norm_eps \(1e-06\) must be 1e-05'):
+        hf.composer_to_hf(pt, tmp_path / 'export', config=odd_eps)
+    assert not (tmp_path / 'export').exists() and leftovers(tmp_path) == []
+
+
 def test_failure_mid_write_leaves_no_output(hf_dir, tmp_path, monkeypatch):
     pt = hf.hf_to_composer(hf_dir, tmp_path / 'dbrx.pt')
     import safetensors.torch
