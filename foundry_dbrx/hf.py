@@ -309,6 +309,7 @@ class _HFSource:
                                     'are read')
         self.specs: dict[str, TensorSpec] = {}
         self._raw_names: dict[str, str] = {}  # our key -> the key as the file spells it
+        self._layouts: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}  # file -> _safetensors_layout(file)
         disagreements = []
         for name in files:
             with safe_open(self.dir / name, framework='pt') as f:
@@ -352,7 +353,9 @@ class _HFSource:
             out.copy_(next(self.iter_tensors([key]))[1])
             return
         path = self.dir / spec.file
-        data_start, offsets = _safetensors_layout(path)
+        if spec.file not in self._layouts:
+            self._layouts[spec.file] = _safetensors_layout(path)
+        data_start, offsets = self._layouts[spec.file]
         begin, end = offsets[self._raw_names[key]]
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         if len(buf) != end - begin:
