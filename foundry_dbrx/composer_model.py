@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def _follow_llmfoundry_log_level() -> None:
+    # LLM Foundry's train sets the level of its own loggers from the YAML's python_log_level; ours follow it, so
+    # the parameter counts and the MoE backend choice show up under every launcher.
+    ours = logging.getLogger('foundry_dbrx')
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.getLogger('llmfoundry').getEffectiveLevel())
+
+
 def _fmt_params(n: int) -> str:
     return f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.2f}M'
 
@@ -46,6 +54,7 @@ class ComposerDbrxCausalLM(ComposerModel):
     def __init__(self, tokenizer: Any = None, init_device: str = 'cpu', use_train_metrics: bool = True,
                  pretrained_hf_dir: Optional[str] = None, **model_config: Any):
         super().__init__()
+        _follow_llmfoundry_log_level()
         if pretrained_hf_dir is None:
             self.config = DbrxConfig.from_dict(model_config)
         else:

@@ -90,6 +90,9 @@ BACKENDS: dict[str, ExpertBackend] = {
 }
 
 
+_LOGGED_AUTO_CHOICES: set[tuple[str, str]] = set()
+
+
 def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
     """The backend for ``ffn_config.moe_backend``; ``auto`` logs what it picked and why."""
     if name == 'auto':
@@ -98,8 +101,11 @@ def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
         for backend in candidates:
             reason = backend.available(device)
             if reason is None:
-                log.info('moe_backend auto -> %s on %s (%s)%s', backend.name, device, backend.note,
-                         f'; skipped: {"; ".join(skipped)}' if skipped else '')
+                # Every layer resolves its backend; say it once per device and choice, not once per layer.
+                if (str(device), backend.name) not in _LOGGED_AUTO_CHOICES:
+                    _LOGGED_AUTO_CHOICES.add((str(device), backend.name))
+                    log.info('moe_backend auto -> %s on %s (%s)%s', backend.name, device, backend.note,
+                             f'; skipped: {"; ".join(skipped)}' if skipped else '')
                 return backend
             skipped.append(f'{backend.name}: {reason}')
         raise RuntimeError(f'no MoE backend can run on {device}: {skipped}')
