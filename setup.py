@@ -25,7 +25,6 @@ setup(
     long_description=long_description,
     long_description_content_type='text/markdown',
     packages=find_packages(include=['foundry_dbrx', 'foundry_dbrx.*']),
-    package_data={'foundry_dbrx': ['yamls/*.yaml']},
     python_requires='>=3.10',
     install_requires=[
         'llm-foundry==0.22.0',
