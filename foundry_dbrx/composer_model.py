@@ -34,6 +34,12 @@ def _follow_llmfoundry_log_level() -> None:
         ours.setLevel(logging.getLogger('llmfoundry').getEffectiveLevel())
 
 
+def _is_right_padded(mask: torch.Tensor) -> bool:
+    """Each row is ones then zeros: no zero is followed by a one."""
+    mask = mask.to(torch.int8)
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def _fmt_params(n: int) -> str:
     return f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.2f}M'
 
@@ -81,11 +87,22 @@ class ComposerDbrxCausalLM(ComposerModel):
 
     # --- Composer interface ----------------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any]) -> DbrxOutput:
+        mask = batch.get('attention_mask')
+        if mask is not None and not _is_right_padded(mask):
+            # Positions and the causal mask assume every row starts at position 0; left padding (ICL evaluators,
+            # generation) would silently shift them.
+            raise ValueError('attention_mask must only pad on the right (each row: ones, then zeros); the dbrx '
+                             'model does not take left-padded batches')
         return self.model(batch['input_ids'])
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Next-token targets: labels (input ids by default) shifted left by one, the last position ignored."""
-        labels = batch.get('labels', batch['input_ids'])
+        """Next-token targets: ``labels`` (else the input ids, padding ignored) shifted left by one, the last
+        position ignored."""
+        labels = batch.get('labels')
+        if labels is None:
+            labels = batch['input_ids']
+            if batch.get('attention_mask') is not None:
+                labels = labels.masked_fill(batch['attention_mask'] == 0, IGNORE_INDEX)
         targets = torch.roll(labels, shifts=-1, dims=1)
         targets[:, -1] = IGNORE_INDEX
         return targets
@@ -93,12 +110,20 @@ class ComposerDbrxCausalLM(ComposerModel):
     def loss(self, outputs: DbrxOutput, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """``total = ce + moe_loss_weight * lb_loss``; each part is logged (``loss/train/ce``,
         ``loss/train/lb_loss_<type>``)."""
-        targets = self.targets(batch)
+        targets = self.targets(batch).reshape(-1)
         logits = outputs.logits
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX)
+        # Sum over valid targets / their count (at least 1): a microbatch whose labels are all ignored (a long
+        # masked prompt) gives 0, not the NaN of a mean over nothing.
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
+                                 reduction='sum')
+        ce = ce_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
         ffn = self.config.ffn_config
         lbl = load_balancing_loss(outputs.routings, ffn.moe_num_experts, ffn.moe_lb_loss_type)
+        if self.training and torch.is_grad_enabled() and ffn.moe_loss_weight > 0 and not lbl.requires_grad:
+            raise RuntimeError(
+                'the load-balancing loss has no gradient: the router statistics were computed without autograd. '
+                'With activation checkpointing set fsdp_config.activation_checkpointing_reentrant: false '
+                '(reentrant checkpointing drops every block output but the hidden states from the graph)')
         return {'total': ce + ffn.moe_loss_weight * lbl, 'ce': ce, self.lb_loss_key: lbl}
 
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[DbrxOutput] = None) -> DbrxOutput:
@@ -108,6 +133,9 @@ class ComposerDbrxCausalLM(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: Any, outputs: DbrxOutput, metric) -> None:
+        if not isinstance(metric, (LanguageCrossEntropy, LanguagePerplexity)):
+            raise ValueError(f'metric {type(metric).__name__} is not supported by the dbrx model (it computes '
+                             'LanguageCrossEntropy and LanguagePerplexity); remove icl_tasks / eval_gauntlet')
         metric.update(outputs.logits, self.targets(batch))
 
     def flops_per_batch(self, batch: Mapping[str, Any]) -> int:

@@ -8,6 +8,7 @@ know. Every rule lives in a ``__post_init__`` and its error names the field, the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -36,8 +37,13 @@ def _check_positive(owner: str, name: str, value: Any) -> None:
         raise ValueError(f'{owner}{name} ({value!r}) must be a positive integer')
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float; bools, NaN and infinities are not (NaN slips through every ``<=`` check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_fraction(owner: str, name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f'{owner}{name} ({value!r}) must be a number in [0, 1)')
 
 
@@ -61,9 +67,9 @@ class DbrxAttentionConfig:
     def __post_init__(self) -> None:
         _check_fraction('attn_config.', 'attn_pdrop', self.attn_pdrop)
         _check_positive('attn_config.', 'kv_n_heads', self.kv_n_heads)
-        if self.clip_qkv is not None and (not isinstance(self.clip_qkv, (int, float)) or self.clip_qkv <= 0):
+        if self.clip_qkv is not None and (not _is_number(self.clip_qkv) or self.clip_qkv <= 0):
             raise ValueError(f'attn_config.clip_qkv ({self.clip_qkv!r}) must be a positive number or null (no clipping)')
-        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+        if not _is_number(self.rope_theta) or self.rope_theta <= 0:
             raise ValueError(f'attn_config.rope_theta ({self.rope_theta!r}) must be a positive number')
 
     @classmethod
@@ -96,15 +102,15 @@ class DbrxFFNConfig:
                 f'({self.moe_num_experts})')
         if self.moe_jitter_eps is not None:
             _check_fraction('ffn_config.', 'moe_jitter_eps', self.moe_jitter_eps)
-        if not isinstance(self.moe_loss_weight, (int, float)) or self.moe_loss_weight < 0:
+        if not _is_number(self.moe_loss_weight) or self.moe_loss_weight < 0:
             raise ValueError(f'ffn_config.moe_loss_weight ({self.moe_loss_weight!r}) must be a number >= 0')
         p = self.moe_normalize_expert_weights
-        if p is not None and (not isinstance(p, (int, float)) or p <= 0):
+        if p is not None and (not _is_number(p) or p <= 0):
             raise ValueError(
                 f'ffn_config.moe_normalize_expert_weights ({p!r}) must be a positive number (the p of the p-norm) '
                 'or null (no renormalisation)')
         act = self.ffn_act_fn
-        if act is not None and dict(act).get('name', 'silu') != 'silu':
+        if act is not None and (not isinstance(act, Mapping) or act.get('name', 'silu') != 'silu'):
             raise ValueError(f"ffn_config.ffn_act_fn ({act!r}) must be {{'name': 'silu'}}: DBRX experts are SiLU GLUs")
         if self.moe_backend not in MOE_BACKENDS:
             raise ValueError(f'ffn_config.moe_backend ({self.moe_backend!r}) must be one of {list(MOE_BACKENDS)}')
@@ -122,8 +128,8 @@ class DbrxConfig:
     """The whole DBRX model config, with HF DBRX's field names.
 
     ``DbrxConfig.from_dict(json.load(open('config.json')))`` loads a Hugging Face DBRX config as it is, and a YAML
-    ``model:`` section uses the same names. ``init_device`` and ``init_std`` are ours (where to build the weights,
-    the std of their normal init; ``initializer_range`` is HF's name for the latter).
+    ``model:`` section uses the same names. ``initializer_range`` is the std of the normal init (HF's name);
+    where the weights are built (``init_device``) is the Composer model's business, not the config's.
     """
 
     d_model: int = 2048
@@ -143,9 +149,9 @@ class DbrxConfig:
             _check_positive('', name, getattr(self, name))
         _check_fraction('', 'resid_pdrop', self.resid_pdrop)
         _check_fraction('', 'emb_pdrop', self.emb_pdrop)
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+        if not _is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
             raise ValueError(f'layer_norm_eps ({self.layer_norm_eps!r}) must be a positive number')
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+        if not _is_number(self.initializer_range) or self.initializer_range <= 0:
             raise ValueError(f'initializer_range ({self.initializer_range!r}) must be a positive number')
         if self.d_model % self.n_heads:
             raise ValueError(f'n_heads ({self.n_heads}) must divide d_model ({self.d_model})')
@@ -166,8 +172,6 @@ class DbrxConfig:
         attn = values.pop('attn_config', None) or {}
         ffn = values.pop('ffn_config', None) or {}
         kwargs = _reject_unknown(cls, values, 'model config', _HF_BOOKKEEPING_KEYS)
-        if 'initializer_range' not in values and 'init_std' in values:
-            kwargs['initializer_range'] = values['init_std']
         attn_cfg = attn if isinstance(attn, DbrxAttentionConfig) else DbrxAttentionConfig.from_dict(attn)
         ffn_cfg = ffn if isinstance(ffn, DbrxFFNConfig) else DbrxFFNConfig.from_dict(ffn)
         return cls(**kwargs, attn_config=attn_cfg, ffn_config=ffn_cfg)

@@ -44,6 +44,15 @@ def test_yaml_dict_is_not_mutated():
     ({'ffn_config__moe_lb_loss_type': 'x'}, r"ffn_config.moe_lb_loss_type \('x'\) must be one of \['switch', 'megablocks'\]"),
     ({'ffn_config__ffn_act_fn': {'name': 'gelu'}}, r'ffn_config.ffn_act_fn .* must be'),
     ({'resid_pdrop': 1.0}, r'resid_pdrop \(1.0\) must be a number in \[0, 1\)'),
+    # NaN passes every `x <= 0` check; infinities and bools are not numbers a config means either.
+    ({'attn_config__rope_theta': float('nan')}, r'attn_config.rope_theta \(nan\) must be a positive number'),
+    ({'attn_config__clip_qkv': float('nan')}, r'attn_config.clip_qkv \(nan\) must be a positive number or null'),
+    ({'attn_config__clip_qkv': True}, r'attn_config.clip_qkv \(True\) must be a positive number or null'),
+    ({'ffn_config__moe_loss_weight': float('nan')}, r'ffn_config.moe_loss_weight \(nan\) must be a number >= 0'),
+    ({'ffn_config__moe_normalize_expert_weights': float('nan')}, r'moe_normalize_expert_weights \(nan\) must be'),
+    ({'layer_norm_eps': float('inf')}, r'layer_norm_eps \(inf\) must be a positive number'),
+    ({'ffn_config__ffn_act_fn': 'gelu'}, r"ffn_config.ffn_act_fn \('gelu'\) must be \{'name': 'silu'\}"),
+    ({'init_std': 0.02}, r"model config: unknown key\(s\) \['init_std'\]"),
 ])
 def test_bad_config_names_field_value_and_rule(overrides, message):
     with pytest.raises(ValueError, match=message):

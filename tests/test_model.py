@@ -150,9 +150,12 @@ def test_composer_model_loss_parts_and_flops():
     torch.testing.assert_close(loss['total'], ce + 0.05 * loss['lb_loss_switch'])
     loss['total'].backward()
     assert model.model.transformer.blocks[0].ffn.router.layer.weight.grad.abs().sum() > 0
-    n = model.config.num_params()
-    per_token = 6 * (n['active'] - 512 * 32) + 12 * 2 * 32 * 16
-    assert model.flops_per_batch(batch) == per_token * 32
+    # Counted by hand for TINY (d 32, 4 heads of 8, 2 KV heads, 2 layers, vocab 512, F 48, 16 experts, top-4):
+    attn = (32 + 2 * 2 * 8) * 32 + 32 * 32 + 2 * 32          # Wqkv, out_proj, two norms
+    active_layer = attn + 16 * 32 + 3 * 4 * 48 * 32            # + router + 4 of 16 experts
+    active_no_wte = 2 * active_layer + 512 * 32 + 32           # + lm_head + norm_f; the wte lookup has no FLOPs
+    assert active_no_wte == 60576
+    assert model.flops_per_batch(batch) == (6 * 60576 + 12 * 2 * 32 * 16) * 2 * 16
 
 
 def test_dbrx_moe_inside_llm_foundry_mpt():
@@ -176,3 +179,52 @@ def test_dbrx_moe_inside_llm_foundry_mpt():
     assert ffn.last_lb_loss is not None
     assert ffn.ffn.router.layer.weight.grad.abs().sum() > 0
     assert ffn.ffn.experts.mlp.w1.grad.abs().sum() == 0
+
+
+def test_all_ignored_labels_give_zero_loss_and_padding_rules():
+    from foundry_dbrx.composer_model import ComposerDbrxCausalLM
+
+    torch.manual_seed(0)
+    model = ComposerDbrxCausalLM(**tiny_config())
+    ids = torch.randint(0, 512, (2, 8))
+    batch = {'input_ids': ids, 'labels': torch.full_like(ids, -100)}
+    loss = model.loss(model(batch), batch)
+    assert loss['ce'].item() == 0.0 and torch.isfinite(loss['total'])
+
+    right = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    batch = {'input_ids': ids, 'attention_mask': right}
+    targets = model.targets(batch)
+    assert (targets[1, 4:] == -100).all() and (targets[1, :4] == ids[1, 1:5]).all()  # padding never a target
+    left = torch.tensor([[1] * 8, [0] * 3 + [1] * 5])
+    with pytest.raises(ValueError, match='attention_mask must only pad on the right'):
+        model({'input_ids': ids, 'attention_mask': left})
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_load_balancing_gradient_under_activation_checkpointing(reentrant):
+    """Composer wraps each block with torch's checkpoint wrapper; only the non-reentrant one keeps the routing
+    in the graph, and the model refuses to train silently without the load-balancing gradient."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    from foundry_dbrx.composer_model import ComposerDbrxCausalLM
+    from foundry_dbrx.model import DbrxBlock
+
+    torch.manual_seed(0)
+    model = ComposerDbrxCausalLM(**tiny_config())
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+    apply_activation_checkpointing(model.model, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, impl),
+                                   check_fn=lambda m: isinstance(m, DbrxBlock))
+    model.train()
+    ids = torch.randint(0, 512, (2, 8))
+    batch = {'input_ids': ids}
+    out = model(batch)
+    if reentrant:
+        with pytest.raises(RuntimeError, match='activation_checkpointing_reentrant: false'):
+            model.loss(out, batch)
+        return
+    lbl = model.loss(out, batch)[model.lb_loss_key]
+    router = model.model.transformer.blocks[1].ffn.router.layer.weight
+    (grad,) = torch.autograd.grad(lbl, router)
+    assert grad.abs().sum() > 0
