@@ -2,6 +2,8 @@
 # Both create .venv from requirements/requirements.lock (with uv) when it is missing or stale.
 
 PYTHON ?= python3
+# The lock is resolved for this Python; uv finds it on the PATH (or pyenv) and builds .venv with it.
+PY_VERSION := 3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := .tools/bin/uv
@@ -16,10 +18,10 @@ all: test
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools uv==0.13.9
 
-$(STAMP): requirements/requirements.lock setup.py | $(UV)
+$(STAMP): requirements/requirements.lock setup.py foundry_dbrx/registry.py | $(UV)
 	@echo "== creating $(VENV) from requirements/requirements.lock"
 	@start=$$(date +%s); \
-	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV) && \
+	$(UV) venv --quiet --allow-existing --python $(PY_VERSION) $(VENV) && \
 	VIRTUAL_ENV=$(VENV) $(UV) pip sync --quiet requirements/requirements.lock && \
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-deps -e . && \
 	echo "== environment ready in $$(( $$(date +%s) - start )) s"
@@ -28,7 +30,7 @@ $(STAMP): requirements/requirements.lock setup.py | $(UV)
 env: $(STAMP)
 
 lock: | $(UV)
-	$(UV) pip compile --quiet --python-version 3.11 requirements/requirements.in -o requirements/requirements.lock
+	$(UV) pip compile --quiet --python-version $(PY_VERSION) requirements/requirements.in -o requirements/requirements.lock
 
 $(DATA)/train/index.json: | $(STAMP)
 	$(VENV)/bin/foundry-dbrx prep-data --default --out $(DATA)

@@ -15,31 +15,30 @@ STEPS = 6
 
 
 def test_entry_points_register_everything_in_a_fresh_process():
+    """Every line of registry.ENTRY_POINTS resolves through LLM Foundry's registries alone."""
     code = '''
 import json, sys
-from llmfoundry import registry
-from llmfoundry.layers_registry import ffns, module_init_fns
+from llmfoundry import registry, layers_registry
+groups = {r.namespace and '_'.join(r.namespace): r for r in
+          [getattr(registry, n) for n in dir(registry)] + [getattr(layers_registry, n) for n in dir(layers_registry)]
+          if hasattr(r, 'namespace') and hasattr(r, 'get_all')}
 assert 'foundry_dbrx' not in sys.modules  # nothing imported the package yet
-found = {
-    'model': registry.models.get('dbrx').__module__ + '.' + registry.models.get('dbrx').__name__,
-    'ffn': ffns.get('dbrx_moe').__module__ + '.' + ffns.get('dbrx_moe').__name__,
-    'tokenizer': registry.tokenizers.get('dbrx').__module__ + '.' + registry.tokenizers.get('dbrx').__name__,
-    'callback': registry.callbacks.get('dbrx_run_summary').__name__,
-    'init': module_init_fns.get('dbrx_experts').__name__,
-}
+found = {g: {name: f'{obj.__module__}:{obj.__qualname__}' for name, obj in r.get_entry_points().items()}
+         for g, r in groups.items()}
 print(json.dumps(found))
 '''
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=subprocess_env(),
                          timeout=300, cwd='/')
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    assert found == {
-        'model': 'foundry_dbrx.composer_model.ComposerDbrxCausalLM',
-        'ffn': 'foundry_dbrx.moe.layer.build_dbrx_moe_ffn',
-        'tokenizer': 'foundry_dbrx.data.tokenizer.DbrxTokenizer',
-        'callback': 'RunSummary',
-        'init': 'init_dbrx_experts_in_mpt',
-    }
+    from foundry_dbrx.registry import ENTRY_POINTS
+
+    expected = {group: dict(tuple(part.strip() for part in line.split('=')) for line in lines)
+                for group, lines in ENTRY_POINTS.items() if group != 'console_scripts'}
+    assert len(expected) >= 5
+    for group, entries in expected.items():
+        ours = {name: target for name, target in found[group].items() if target.startswith('foundry_dbrx')}
+        assert ours == entries, group
 
 
 @pytest.fixture(scope='module')

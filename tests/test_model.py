@@ -159,26 +159,40 @@ def test_composer_model_loss_parts_and_flops():
 
 
 def test_dbrx_moe_inside_llm_foundry_mpt():
-    """`ffn_config.ffn_type: dbrx_moe` builds our FFN inside MPT; its router learns from the aux loss."""
+    """`model.name: mpt_dbrx_moe` builds MPT with our FFN; the load-balancing loss is part of the returned loss
+    (so Composer's microbatch scaling applies to it) and experts count at top_k / E in the FLOPs."""
     from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 
+    from foundry_dbrx.mpt import ComposerMPTDbrxMoE
     from foundry_dbrx.registry import register_all
 
     register_all()
     torch.manual_seed(0)
-    cfg = MPTConfig(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=32, vocab_size=256,
-                    no_bias=True, attn_config={'attn_impl': 'torch'},
-                    ffn_config={'ffn_type': 'dbrx_moe', 'moe_num_experts': 4, 'moe_top_k': 2,
-                                'moe_backend': 'eager', 'moe_num_layers': 2, 'moe_loss_weight': 1.0})
-    mpt = MPTForCausalLM(cfg)
-    ffn = mpt.transformer.blocks[-1].ffn  # the last block: no later layer's aux loss reaches its experts
-    assert type(ffn).__name__ == 'MPTDbrxMoE' and ffn.ffn.cfg.ffn_hidden_size == 64
+    common = dict(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=32, vocab_size=256,
+                  no_bias=True, attn_config={'attn_impl': 'torch'})
+    ffn = {'ffn_type': 'dbrx_moe', 'moe_num_experts': 4, 'moe_top_k': 2, 'moe_backend': 'eager',
+           'moe_loss_weight': 0.5}
+    model = ComposerMPTDbrxMoE(**common, ffn_config=ffn, loss_fn='torch_crossentropy')
+    layers = [b.ffn for b in model.model.transformer.blocks]
+    assert all(type(m).__name__ == 'MPTDbrxMoE' and m.num_layers == 2 for m in layers)
+    assert layers[0].ffn.cfg.ffn_hidden_size == 64
+    model.train()
     ids = torch.randint(0, 256, (2, 16))
-    # Only the aux loss flows into the router here: logits * 0 keeps the graph but zeroes the LM gradient.
-    (mpt(input_ids=ids).logits * 0).sum().backward()
-    assert ffn.last_lb_loss is not None
-    assert ffn.ffn.router.layer.weight.grad.abs().sum() > 0
-    assert ffn.ffn.experts.mlp.w1.grad.abs().sum() == 0
+    batch = {'input_ids': ids, 'labels': ids.clone()}
+    loss = model.loss(model(batch), batch)
+    assert set(loss) == {'total', 'loss', 'lb_loss_weighted'}
+    assert 0.5 * 0.5 < loss['lb_loss_weighted'].item() < 0.5 * 4  # balanced gives weight * 1
+    router = layers[-1].ffn.router.layer.weight
+    (grad,) = torch.autograd.grad(loss['lb_loss_weighted'], router)
+    assert grad.abs().sum() > 0
+    assert all(m.pop_lb_loss() is None for m in layers)  # collected: nothing left behind
+    total = sum(p.numel() for p in model.parameters())
+    assert model.n_active_params == total - 2 * (4 - 2) * 3 * 64 * 32
+
+    # Plain MPT cannot add the loss: it refuses to train rather than drop it silently.
+    plain = MPTForCausalLM(MPTConfig(**common, ffn_config={**ffn, 'moe_num_layers': 2}))
+    with pytest.raises(RuntimeError, match="model name 'mpt_dbrx_moe'"):
+        plain(input_ids=ids)
 
 
 def test_all_ignored_labels_give_zero_loss_and_padding_rules():

@@ -15,7 +15,7 @@ from foundry_dbrx.moe.experts import DbrxExperts
 from foundry_dbrx.moe.losses import load_balancing_loss
 from foundry_dbrx.moe.router import DbrxRouter, Routing
 
-__all__ = ['DbrxFFN', 'MPTDbrxMoE', 'build_dbrx_moe_ffn']
+__all__ = ['DbrxFFN', 'MPTDbrxMoE', 'build_dbrx_moe_ffn', 'init_dbrx_experts_in_mpt']
 
 
 class DbrxFFN(nn.Module):
@@ -41,58 +41,54 @@ class DbrxFFN(nn.Module):
         return y_TD.view_as(x_BSD), routing
 
 
-class _AddAuxLossGrad(torch.autograd.Function):
-    """Identity on ``y`` whose backward also sends gradient 1 into ``aux_loss``.
-
-    Lets a layer that can only return a tensor (inside LLM Foundry's MPT) still train its router on the
-    load-balancing loss, without a module-level list of losses that the trainer must collect and clear.
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(aux_loss)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        (aux_loss,) = ctx.saved_tensors
-        return grad_y, torch.ones_like(aux_loss)
-
-
 class MPTDbrxMoE(nn.Module):
     """``DbrxFFN`` for LLM Foundry's MPT (``ffn_config.ffn_type: dbrx_moe``): returns only the output tensor.
 
-    In training the load-balancing loss, times ``moe_loss_weight / moe_num_layers``, reaches the router's
-    gradient through :class:`_AddAuxLossGrad`; the last value is kept in ``last_lb_loss`` for inspection.
+    MPT's blocks take a tensor back, so in training this layer keeps its weighted load-balancing loss
+    (``moe_loss_weight * lb_loss / n_layers``, still in the graph) until the Composer model collects it with
+    :meth:`pop_lb_loss` and adds it to the loss it returns, where Composer's microbatch scaling applies to it like
+    to the cross entropy. Only the ``mpt_dbrx_moe`` model (:mod:`foundry_dbrx.mpt`) collects it; under another
+    model the layer refuses to train rather than drop its load-balancing loss.
     """
 
-    def __init__(self, d_model: int, cfg: DbrxFFNConfig, num_layers: int, device=None):
+    def __init__(self, d_model: int, cfg: DbrxFFNConfig, num_layers: Optional[int], device=None):
         super().__init__()
         self.ffn = DbrxFFN(d_model, cfg, device=device)
         self.num_layers = num_layers
-        self.last_lb_loss: Optional[torch.Tensor] = None
+        self.lb_loss_collected = False  # set by the Composer model that adds pop_lb_loss() to its loss
+        self._pending_lb_loss: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, routing = self.ffn(x)
         cfg = self.ffn.cfg
-        if self.training and cfg.moe_loss_weight > 0 and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and cfg.moe_loss_weight > 0:
+            if not self.lb_loss_collected or self.num_layers is None:
+                raise RuntimeError(
+                    "ffn_type dbrx_moe trains inside LLM Foundry's MPT only as model name 'mpt_dbrx_moe', which "
+                    'adds its load-balancing loss to the training loss (and sets ffn_config.moe_num_layers)')
             lbl = load_balancing_loss([routing], cfg.moe_num_experts, cfg.moe_lb_loss_type)
-            self.last_lb_loss = lbl.detach()
-            y = _AddAuxLossGrad.apply(y, lbl * (cfg.moe_loss_weight / self.num_layers))
+            self._pending_lb_loss = lbl * (cfg.moe_loss_weight / self.num_layers)
         return y
+
+    def pop_lb_loss(self) -> Optional[torch.Tensor]:
+        """The weighted load-balancing loss of the last training forward (None if there was none); clears it."""
+        lbl, self._pending_lb_loss = self._pending_lb_loss, None
+        return lbl
 
 
 def build_dbrx_moe_ffn(d_model: int, expansion_ratio: float, device: Optional[str] = None, bias: bool = False,
-                       fc_type: Optional[dict] = None, moe_num_layers: int = 1, **ffn_config: Any) -> nn.Module:
+                       fc_type: Optional[dict] = None, moe_num_layers: Optional[int] = None,
+                       **ffn_config: Any) -> nn.Module:
     """LLM Foundry ``ffns`` builder. ``ffn_config`` takes ``DbrxFFNConfig``'s keys; without ``ffn_hidden_size``
-    the hidden size is ``expansion_ratio * d_model``. ``moe_num_layers`` (the model's n_layers) divides the
-    load-balancing loss so its scale matches the whole-model loss."""
+    the hidden size is ``expansion_ratio * d_model``. ``moe_num_layers`` (the model's n_layers, which the
+    ``mpt_dbrx_moe`` model fills in) divides each layer's load-balancing loss, so their sum is the mean over layers.
+    """
     if bias:
         raise ValueError('ffn_config.bias (True) must be False for dbrx_moe: DBRX experts have no biases '
                          '(set no_bias: true in the MPT config)')
     if fc_type is not None and fc_type.get('name', 'torch') != 'torch':
         raise ValueError(f"fc_type ({fc_type!r}) must be {{'name': 'torch'}} for dbrx_moe")
-    if not isinstance(moe_num_layers, int) or moe_num_layers <= 0:
+    if moe_num_layers is not None and (not isinstance(moe_num_layers, int) or moe_num_layers <= 0):
         raise ValueError(f'ffn_config.moe_num_layers ({moe_num_layers!r}) must be a positive integer')
     ffn_config.setdefault('ffn_hidden_size', int(round(expansion_ratio * d_model)))
     cfg = DbrxFFNConfig.from_dict(ffn_config)

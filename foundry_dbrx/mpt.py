@@ -1,0 +1,52 @@
+"""``mpt_dbrx_moe``: LLM Foundry's MPT with DBRX MoE FFNs, its load-balancing loss and MoE-aware FLOPs.
+
+For users who keep MPT's attention and block but want DBRX's experts: ``model.name: mpt_dbrx_moe`` with an
+MPT config whose ``ffn_config`` takes ``dbrx_moe``'s keys (``moe_num_experts``, ``moe_top_k``, ...).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Mapping
+
+import torch
+from llmfoundry.models.mpt import ComposerMPTCausalLM
+
+from foundry_dbrx.moe.experts import DbrxExpertGLU
+from foundry_dbrx.moe.layer import MPTDbrxMoE
+
+__all__ = ['ComposerMPTDbrxMoE']
+
+
+class ComposerMPTDbrxMoE(ComposerMPTCausalLM):
+    """MPT whose FFNs are ``dbrx_moe``; the loss is ``ce + sum over layers of moe_loss_weight * lb_loss / L``."""
+
+    def __init__(self, tokenizer: Any = None, **kwargs: Any):
+        ffn = dict(kwargs.get('ffn_config') or {})
+        if ffn.setdefault('ffn_type', 'dbrx_moe') != 'dbrx_moe':
+            raise ValueError(f"ffn_config.ffn_type ({ffn['ffn_type']!r}) must be 'dbrx_moe' for model mpt_dbrx_moe")
+        n_layers = kwargs.get('n_layers', 2)
+        if ffn.setdefault('moe_num_layers', n_layers) != n_layers:
+            raise ValueError(f"ffn_config.moe_num_layers ({ffn['moe_num_layers']}) must equal n_layers ({n_layers})")
+        super().__init__(tokenizer=tokenizer, **{**kwargs, 'ffn_config': ffn})
+        self._moe_layers = [m for m in self.modules() if isinstance(m, MPTDbrxMoE)]
+        for layer in self._moe_layers:
+            layer.lb_loss_collected = True
+
+    def loss(self, outputs: Any, batch: Mapping) -> dict[str, torch.Tensor]:
+        ce = super().loss(outputs, batch)
+        parts = [lbl for lbl in (layer.pop_lb_loss() for layer in self._moe_layers) if lbl is not None]
+        lbl = torch.stack(parts).sum() if parts else torch.zeros_like(ce)
+        return {'total': ce + lbl, 'loss': ce, 'lb_loss_weighted': lbl}
+
+    @cached_property
+    def n_active_params(self) -> int:
+        """All parameters but the experts a token does not visit: experts count at top_k / E."""
+        inactive = 0
+        for layer in self._moe_layers:
+            cfg = layer.ffn.cfg
+            glu: DbrxExpertGLU = layer.ffn.experts.mlp
+            per_expert = 3 * glu.ffn_hidden_size * glu.d_model
+            inactive += (cfg.moe_num_experts - cfg.moe_top_k) * per_expert
+        return super().n_active_params - inactive
+
