@@ -33,12 +33,13 @@ class DbrxHFCheckpointer(Callback):
         huggingface_folder_name: name of each checkpoint's folder, a Composer format string (``'ba{batch}'``).
         precision: ``'float32'``, ``'bfloat16'`` or ``'float16'``: the dtype of the saved weights.
         shard_size: largest safetensors shard, e.g. ``'5GB'``.
-        overwrite: replace a folder of the same name (otherwise that is an error).
+        overwrite: replace a folder of the same name (default: a run resumed from an earlier Composer checkpoint
+            reaches the same batch again and rewrites that batch's folder, as LLM Foundry's hf_checkpointer does).
     """
 
     def __init__(self, save_folder: str, save_interval: Union[str, int, Time],
                  huggingface_folder_name: str = 'ba{batch}', precision: str = 'float32',
-                 shard_size: Union[int, str] = '5GB', overwrite: bool = False):
+                 shard_size: Union[int, str] = '5GB', overwrite: bool = True):
         if '://' in save_folder:
             raise ValueError(f'save_folder ({save_folder!r}) must be a local folder: dbrx_hf_checkpointer does not '
                              'upload to object stores')
@@ -69,14 +70,18 @@ class DbrxHFCheckpointer(Callback):
     def _save(self, state: State) -> None:
         model = unwrap_ddp(state.model)
         state_dict = gather_full_state_dict(state.model)
-        if dist.get_global_rank() == 0:
-            folder = format_name_with_dist_and_time(self.save_folder, state.run_name, state.timestamp)
-            name = format_name_with_dist_and_time(self.folder_name, state.run_name, state.timestamp)
-            out = Path(folder) / name
-            save_hf_checkpoint(state_dict, model.config, out, shard_size=self.shard_size, dtype=self.dtype,
-                               tokenizer=getattr(model, 'tokenizer', None), overwrite=self.overwrite)
-            self.saved.append(out)
-            log.info('dbrx_hf_checkpointer: wrote HF DBRX checkpoint %s at batch %d', out,
-                     int(state.timestamp.batch))
-        del state_dict
-        dist.barrier()  # no rank runs ahead (and, say, exits) while rank 0 is still writing
+        try:
+            if dist.get_global_rank() == 0:
+                folder = format_name_with_dist_and_time(self.save_folder, state.run_name, state.timestamp)
+                name = format_name_with_dist_and_time(self.folder_name, state.run_name, state.timestamp)
+                out = Path(folder) / name
+                save_hf_checkpoint(state_dict, model.config, out, shard_size=self.shard_size, dtype=self.dtype,
+                                   tokenizer=getattr(model, 'tokenizer', None), overwrite=self.overwrite)
+                self.saved.append(out)
+                log.info('dbrx_hf_checkpointer: wrote HF DBRX checkpoint %s at batch %d', out,
+                         int(state.timestamp.batch))
+        finally:
+            del state_dict
+            # Every rank reaches the barrier even when rank 0's write failed, so the others do not hang until a
+            # collective timeout; rank 0's error propagates after it.
+            dist.barrier()  # no rank runs ahead (and, say, exits) while rank 0 is still writing

@@ -267,6 +267,8 @@ def hf_config_dict(cfg: DbrxConfig, dtype: Optional[torch.dtype] = None, base: O
     ours['ffn_config']['ffn_act_fn'] = ours['ffn_config']['ffn_act_fn'] or {'name': 'silu'}  # HF's spelling of null
     for section in ('attn_config', 'ffn_config'):
         ours[section] = {**(out.get(section) or {}), **ours[section]}
+    # Training at a shorter max_seq_len (a YAML over pretrained_hf_dir) does not shrink the model's context.
+    ours['max_seq_len'] = max(ours['max_seq_len'], int(out.get('max_seq_len') or 0))
     out.update(ours)
     if dtype is not None:
         out['torch_dtype'] = str(dtype).removeprefix('torch.')

@@ -311,3 +311,14 @@ def test_streamed_conversion_peak_memory_follows_the_largest_shard(tmp_path):
     assert naive > 0.9 * model_bytes  # the measurement does see a whole model
     assert to_composer < 3 * largest and to_hf < 3 * 8e6
     assert_bytes_equal(read_hf_weights(tmp_path / 'hf'), read_hf_weights(tmp_path / 'export'))
+
+
+def test_export_keeps_the_source_context_length():
+    """Fine-tuning at a shorter max_seq_len over pretrained_hf_dir must not shrink the exported model's context."""
+    from foundry_dbrx import DbrxConfig
+    from foundry_dbrx.hf import hf_config_dict
+    from tests.conftest import tiny_config
+
+    cfg = DbrxConfig.from_dict(tiny_config(max_seq_len=64))
+    assert hf_config_dict(cfg, base={'max_seq_len': 32768})['max_seq_len'] == 32768
+    assert hf_config_dict(cfg)['max_seq_len'] == 64
