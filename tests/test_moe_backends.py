@@ -139,8 +139,9 @@ def _ffn_grads(ffn, x_BSD, dy_BSD):
 def test_grouped_mm_through_the_full_ffn_on_cpu(monkeypatch):
     """The router's gradient reaches it through the backend's routing-weight gradient."""
     monkeypatch.setattr(BACKENDS['grouped_mm'], 'available', lambda device: None)
+    monkeypatch.setattr(BACKENDS['grouped_mm'], 'dtypes', None)  # fp32 on CPU, through the stand-in GEMMs
     ref, ffn = _ffn_pair('grouped_mm')
-    assert ffn.experts.backend is BACKENDS['grouped_mm']
+    assert ffn.experts.backend_for(torch.zeros(1, 32)) is BACKENDS['grouped_mm']
     gen = torch.Generator().manual_seed(3)
     x_BSD, dy_BSD = torch.randn(2, 19, 32, generator=gen), torch.randn(2, 19, 32, generator=gen)
     want, got = _ffn_grads(ref, x_BSD, dy_BSD), _ffn_grads(ffn, x_BSD, dy_BSD)
@@ -348,3 +349,16 @@ def test_grouped_gemms_match_the_cpu_stand_in_cuda():
             torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2)
     assert resolve_backend('auto', torch.device('cuda')).name in ('grouped_mm', 'megablocks', 'grouped_mm_triton',
                                                                   'eager')
+
+
+def test_fast_backends_declare_bf16_and_auto_skips_them_in_fp32():
+    """An fp32 run on a GPU gets `eager` from `auto`, not a dtype error at its first step."""
+    for name in ('grouped_mm', 'megablocks', 'grouped_mm_triton'):
+        reason = BACKENDS[name].unusable(torch.device('cuda'), torch.float32)
+        assert reason is not None and 'bfloat16' in reason, (name, reason)
+    assert BACKENDS['eager'].unusable(torch.device('cpu'), torch.float32) is None
+    with pytest.raises(RuntimeError, match=r"'grouped_mm' cannot run on cpu in torch.float32: computes in"):
+        resolve_backend('grouped_mm', torch.device('cpu'), torch.float32)
+    ffn = DbrxFFN(16, DbrxFFNConfig(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2, moe_backend='auto'))
+    ffn(torch.randn(3, 16))
+    assert [b.name for b in ffn.experts._resolved.values()] == ['eager']

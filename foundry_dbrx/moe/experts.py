@@ -60,11 +60,19 @@ def eager_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torc
 
 
 class ExpertBackend:
-    """One way to run the experts: ``fn`` plus a check of whether it can run here."""
+    """One way to run the experts: ``fn`` plus a check of whether it can run here, and in which compute dtypes
+    (``dtypes=None``: any)."""
 
     def __init__(self, name: str, fn: ExpertFn, available: Callable[[torch.device], Optional[str]],
-                 priority: int, note: str):
+                 priority: int, note: str, dtypes: Optional[tuple[torch.dtype, ...]] = None):
         self.name, self.fn, self.available, self.priority, self.note = name, fn, available, priority, note
+        self.dtypes = dtypes
+
+    def unusable(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """None where this backend runs on ``device`` in ``dtype`` (None: not known yet), else why not."""
+        if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
+            return f'computes in {[str(d).removeprefix("torch.") for d in self.dtypes]} only (got {dtype})'
+        return self.available(device)
 
     def __repr__(self) -> str:
         return f'ExpertBackend({self.name!r})'
@@ -80,30 +88,36 @@ def _always(device: torch.device) -> Optional[str]:
 BACKENDS: dict[str, ExpertBackend] = {
     'eager': ExpertBackend('eager', eager_experts, _always, priority=0,
                            note='plain PyTorch reference; runs anywhere'),
+    # The fast paths are built and tested for bf16 (grouped_gemm refuses anything else); an fp32 run on a GPU
+    # gets `eager` from `auto` rather than an error at its first step.
     'megablocks': ExpertBackend('megablocks', megablocks_backend.megablocks_experts, megablocks_backend.available,
-                                priority=10, note="MegaBlocks' dropless grouped GEMMs, bf16 only"),
+                                priority=10, note="MegaBlocks' dropless grouped GEMMs, bf16 only",
+                                dtypes=(torch.bfloat16,)),
     'grouped_mm': ExpertBackend('grouped_mm', grouped_mm.grouped_mm_experts, grouped_mm.available, priority=20,
-                                note='torch._grouped_mm + fused Triton kernels, no host sync'),
+                                note='torch._grouped_mm + fused Triton kernels, no host sync',
+                                dtypes=(torch.bfloat16,)),
     'grouped_mm_triton': ExpertBackend('grouped_mm_triton', grouped_mm.grouped_mm_triton_experts,
                                        grouped_mm.triton_gemm_available, priority=5,
-                                       note='grouped_mm with Triton GEMMs, for torch without _grouped_mm'),
+                                       note='grouped_mm with Triton GEMMs, for torch without _grouped_mm',
+                                       dtypes=(torch.bfloat16,)),
 }
 
 
-_LOGGED_AUTO_CHOICES: set[tuple[str, str]] = set()
+_LOGGED_AUTO_CHOICES: set[tuple[str, str, str]] = set()
 
 
-def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
-    """The backend for ``ffn_config.moe_backend``; ``auto`` logs what it picked and why."""
+def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> ExpertBackend:
+    """The backend for ``ffn_config.moe_backend`` on ``device`` computing in ``dtype``; ``auto`` logs what it
+    picked and why."""
     if name == 'auto':
         candidates = sorted(BACKENDS.values(), key=lambda b: -b.priority)
         skipped = []
         for backend in candidates:
-            reason = backend.available(device)
+            reason = backend.unusable(device, dtype)
             if reason is None:
                 # Every layer resolves its backend; say it once per device and choice, not once per layer.
-                if (str(device), backend.name) not in _LOGGED_AUTO_CHOICES:
-                    _LOGGED_AUTO_CHOICES.add((str(device), backend.name))
+                if (str(device), str(dtype), backend.name) not in _LOGGED_AUTO_CHOICES:
+                    _LOGGED_AUTO_CHOICES.add((str(device), str(dtype), backend.name))
                     log.info('moe_backend auto -> %s on %s (%s)%s', backend.name, device, backend.note,
                              f'; skipped: {"; ".join(skipped)}' if skipped else '')
                 return backend
@@ -111,9 +125,10 @@ def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
         raise RuntimeError(f'no MoE backend can run on {device}: {skipped}')
     if name not in BACKENDS:
         raise ValueError(f'ffn_config.moe_backend ({name!r}) must be one of {["auto", *BACKENDS]}')
-    reason = BACKENDS[name].available(device)
+    reason = BACKENDS[name].unusable(device, dtype)
     if reason is not None:
-        raise RuntimeError(f'ffn_config.moe_backend {name!r} cannot run on {device}: {reason}')
+        where = f'{device} in {dtype}' if dtype is not None else str(device)
+        raise RuntimeError(f'ffn_config.moe_backend {name!r} cannot run on {where}: {reason}')
     return BACKENDS[name]
 
 
@@ -153,20 +168,22 @@ class DbrxExperts(nn.Module):
         super().__init__()
         self.mlp = DbrxExpertGLU(d_model, ffn_hidden_size, num_experts, device=device, dtype=dtype)
         self.backend_name = backend
-        self._backend: Optional[ExpertBackend] = None
-        self._backend_device: Optional[torch.device] = None
+        self._resolved: dict[tuple[torch.device, torch.dtype], ExpertBackend] = {}
 
-    @property
-    def backend(self) -> ExpertBackend:
-        """Resolved lazily on the device the weights live on at the first forward (after FSDP or ``.to()``)."""
+    def backend_for(self, x_TD: torch.Tensor) -> ExpertBackend:
+        """Resolved at the first forward on the device the weights then live on (after FSDP or ``.to()``) and in
+        the dtype the experts compute in (autocast's where it is on)."""
         device = self.mlp.w1.device
-        if self._backend is None or self._backend_device != device:
-            self._backend = resolve_backend(self.backend_name, device)
-            self._backend_device = device
-        return self._backend
+        dtype = x_TD.dtype
+        if device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
+            dtype = torch.get_autocast_dtype('cuda')
+        key = (device, dtype)
+        if key not in self._resolved:
+            self._resolved[key] = resolve_backend(self.backend_name, device, dtype)
+        return self._resolved[key]
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        return self.backend.fn(x_TD, weights_TK, experts_TK, *self.mlp.expert_views())
+        return self.backend_for(x_TD).fn(x_TD, weights_TK, experts_TK, *self.mlp.expert_views())
 
     def extra_repr(self) -> str:
         return f'backend={self.backend_name!r}'
