@@ -400,28 +400,38 @@ def _check_local_out(out: str, overwrite: bool) -> None:
         raise PrepError(f'--out {out} {what}; pass --overwrite to replace it')
 
 
-def _uploader(local: str, remote: str):
+def _uploaders(folder: str, out: str, splits: Sequence[str]) -> dict:
+    """One Streaming uploader per split, made before any shard is written: a missing bucket, bad credentials or an
+    unreachable endpoint fail here, before the work."""
     from streaming.base.storage.upload import CloudUploader
 
+    uploaders = {}
+    for split in splits:
+        remote = f'{out.rstrip("/")}/{split}'
+        try:
+            uploaders[split] = CloudUploader.get((os.path.join(folder, split), remote), keep_local=True)
+        except Exception as e:  # bad scheme, missing bucket, no credentials, no endpoint
+            raise PrepError(f'--out {out}: cannot write to {remote}: {type(e).__name__}: {e} (for s3:// check the '
+                            'bucket, S3_ENDPOINT_URL and the AWS_* credentials)') from None
+    return uploaders
+
+
+def _check_remote_out(uploader: Any, out: str, overwrite: bool) -> None:
     try:
-        return CloudUploader.get((local, remote), keep_local=True, exist_ok=True)
-    except Exception as e:  # bad scheme, missing bucket, no credentials: say which URL
-        raise PrepError(f'--out {remote}: cannot write there: {type(e).__name__}: {e}') from None
-
-
-def _check_remote_out(out: str, overwrite: bool, scratch: str) -> None:
-    uploader = _uploader(os.path.join(scratch, 'probe'), out)
-    existing = uploader.list_objects(f'train/{INDEX}') if hasattr(uploader, 'list_objects') else []
+        existing = uploader.list_objects(INDEX)
+    except NotImplementedError:  # stores whose uploader cannot list: nothing to check against
+        existing = []
+    except Exception as e:
+        raise PrepError(f'--out {out}: cannot list train/{INDEX}: {type(e).__name__}: {e}') from None
     if existing and not overwrite:
         raise PrepError(f'--out {out} already holds a dataset (train/{INDEX}); pass --overwrite to replace it')
 
 
-def _upload(folder: str, out: str, splits: Sequence[str]) -> None:
-    uploaders = {s: _uploader(os.path.join(folder, s), f'{out.rstrip("/")}/{s}') for s in splits}
+def _upload(folder: str, out: str, uploaders: dict) -> None:
     # Shards first, index.json last (train's the very last): a reader never finds an index whose shards are not
     # all there.
-    order = [(s, n) for s in splits for n in sorted(os.listdir(os.path.join(folder, s))) if n != INDEX]
-    order += [(s, INDEX) for s in reversed(splits)]
+    order = [(s, n) for s in uploaders for n in sorted(os.listdir(os.path.join(folder, s))) if n != INDEX]
+    order += [(s, INDEX) for s in reversed(list(uploaders))]
     for split, name in order:
         try:
             uploaders[split].upload_file(name)
@@ -472,8 +482,9 @@ def prep_data(cfg: PrepConfig) -> PrepSummary:
     os.mkdir(folder)
     writer = None
     try:
-        if cfg.remote:
-            _check_remote_out(cfg.out, cfg.overwrite, folder)
+        uploaders = _uploaders(folder, cfg.out, cfg.splits) if cfg.remote else {}
+        if uploaders:
+            _check_remote_out(uploaders['train'], cfg.out, cfg.overwrite)
         sources = _plan_sources(cfg)
         writer = _SampleWriter(folder, cfg)
         docs = _documents(cfg, sources, summary)
@@ -513,7 +524,7 @@ def prep_data(cfg: PrepConfig) -> PrepSummary:
         summary.shards.update({s: _shard_count(os.path.join(folder, s)) for s in cfg.splits})
         summary.bytes = _folder_bytes(folder)
         if cfg.remote:
-            _upload(folder, cfg.out, cfg.splits)
+            _upload(folder, cfg.out, uploaders)
         else:
             _install_local(folder, cfg.out)
     finally:
