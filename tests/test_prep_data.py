@@ -211,6 +211,8 @@ def test_unreadable_file(tmp_path):
     (dict(inputs=('x',), format='csv'), r"--format \('csv'\) must be one of"),
     (dict(inputs=('x',), compression='rar'), r"--compression \('rar'\) is not a compression Streaming knows"),
     (dict(inputs=('x',), max_tokens=-5), r'--max-tokens \(-5\) must be a positive integer when given'),
+    (dict(inputs=('x',), shard_size='lots'), r"--shard-size \('lots'\) must be a size below 4 GiB"),
+    (dict(inputs=('x',), shard_size='5gb'), r"--shard-size \('5gb'\) must be a size below 4 GiB"),
 ])
 def test_bad_options(kw, message):
     with pytest.raises(PrepError, match=message):
@@ -221,3 +223,16 @@ def test_missing_input_path(tmp_path):
     with pytest.raises(PrepError, match=r'input .*nowhere: no such file or folder'):
         prep(tmp_path, [tmp_path / 'nowhere'])
     assert leftovers(tmp_path) == []
+
+
+def test_parallel_workers_write_the_same_bytes(tmp_path, monkeypatch):
+    from foundry_dbrx.data import prep as prep_module
+
+    monkeypatch.setattr(prep_module, '_BATCH_CHARS', 20_000)  # many batches in flight, so order matters
+    outs = {}
+    for workers in (1, 2):
+        s = prep(tmp_path, [], default=True, max_files=30, max_seq_len=64, workers=workers,
+                 out=str(tmp_path / f'w{workers}'))
+        assert s.documents == 30
+        outs[workers] = {split: (tmp_path / f'w{workers}' / split / 'index.json').read_text() for split in ('train', 'val')}
+    assert outs[1] == outs[2]  # the indexes hold every shard's sha1
