@@ -12,7 +12,7 @@ import torch
 
 from foundry_dbrx.data.prep import PrepConfig, PrepError, prep_data
 from tests.s3_server import LoopbackS3, set_env
-from tests.train_runs import TrainRun, s3_env
+from tests.train_runs import TrainRun, release_streaming_shm, s3_env
 
 SMALL = dict(default=True, max_tokens=3300, max_seq_len=64, val_fraction=0.02, shard_size='2kb', progress=False)
 BIG = dict(default=True, max_files=40, max_seq_len=64, shard_size='16kb', progress=False)
@@ -58,6 +58,7 @@ def fault_runs(store, tmp_path_factory):
     yield runs
     for run in runs.values():
         run.kill()
+    release_streaming_shm(root)
     gone_server.stop()
 
 

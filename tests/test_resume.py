@@ -10,7 +10,7 @@ import pytest
 
 from foundry_dbrx.data.prep import PrepConfig, prep_data
 from tests.s3_server import LoopbackS3, set_env
-from tests.train_runs import TrainRun, s3_env
+from tests.train_runs import TrainRun, release_streaming_shm, s3_env
 
 STEPS, SAVE_EVERY, OUTAGE_S = 12, 4, 5.0
 
@@ -57,6 +57,7 @@ def test_sigkill_then_autoresume_matches_uninterrupted_run(store, tmp_path):
     finally:
         reference.kill()
         killed.kill()
+        release_streaming_shm(tmp_path)
         if not store.running:
             store.start()
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -96,3 +97,23 @@ class TrainRun:
     def losses(self) -> dict[int, float]:
         with open(self.summary) as f:
             return {int(step): loss for step, loss in json.load(f)['losses']}
+
+
+def release_streaming_shm(folder: Path) -> int:
+    """Removes the shared memory (and lock files) that Streaming leaves behind when a run of ours dies without its
+    cleanup (SIGKILL): the prefixes whose ``locals`` segment names a cache under ``folder``. Call it once those runs
+    have exited; another process's segments never name our temporary folders. Returns how many prefixes it freed."""
+    shm, freed = Path('/dev/shm'), 0
+    if not shm.is_dir():
+        return 0
+    for segment in shm.glob('*_locals'):
+        try:
+            ours = str(folder).encode() in segment.read_bytes()
+        except OSError:
+            continue
+        if ours:
+            prefix = segment.name.split('_', 1)[0]
+            for leftover in [*shm.glob(f'{prefix}_*'), *Path(tempfile.gettempdir()).glob(f'{prefix}_*_filelock')]:
+                leftover.unlink(missing_ok=True)
+            freed += 1
+    return freed
