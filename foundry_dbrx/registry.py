@@ -7,7 +7,8 @@ registrations in code, for a process that imported LLM Foundry before this packa
 """
 
 ENTRY_POINTS = {
-    'llmfoundry_models': ['dbrx = foundry_dbrx.composer_model:ComposerDbrxCausalLM'],
+    'llmfoundry_models': ['dbrx = foundry_dbrx.composer_model:ComposerDbrxCausalLM',
+                          'mpt_dbrx_moe = foundry_dbrx.mpt:ComposerMPTDbrxMoE'],
     'llmfoundry_ffns': ['dbrx_moe = foundry_dbrx.moe.layer:build_dbrx_moe_ffn'],
     'llmfoundry_module_init_fns': ['dbrx_experts = foundry_dbrx.moe.layer:init_dbrx_experts_in_mpt'],
     'llmfoundry_tokenizers': ['dbrx = foundry_dbrx.data.tokenizer:DbrxTokenizer'],
