@@ -79,7 +79,10 @@ def test_fixed_options_are_rejected(tokenizer):
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
     """No tiktoken cache anywhere: $TIKTOKEN_CACHE_DIR unset, our own cache an empty folder."""
-    monkeypatch.delenv('TIKTOKEN_CACHE_DIR', raising=False)
+    # setenv first so monkeypatch records the old value (or its absence) and restores it: the code under test
+    # sets TIKTOKEN_CACHE_DIR for the process, which must not leak into later tests.
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'unused'))
+    monkeypatch.delenv('TIKTOKEN_CACHE_DIR')
     monkeypatch.setenv('FOUNDRY_DBRX_CACHE', str(tmp_path / 'ours'))
     return tmp_path
 
