@@ -43,7 +43,8 @@ class RunSummary(Callback):
         for cb in state.callbacks:
             if type(cb).__name__ == 'CheckpointSaver':
                 folders.append(format_name_with_dist(str(cb.folder), state.run_name))
-                files.extend(str(p) for p in getattr(cb, 'all_saved_checkpoints_to_timestamp', {}) or {})
+                saved = getattr(cb, 'all_saved_checkpoints_to_timestamp', None) or {}
+                files.extend(os.path.abspath(str(p)) for p in saved)
         summary = {
             'steps': int(state.timestamp.batch),
             'world_size': dist.get_world_size(),
