@@ -22,10 +22,9 @@ SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='foundry-dbrx', description='Train DBRX-class MoE models.')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        # Arguments are added lazily below, for the chosen subcommand only.
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        # Arguments are added in main(), for the chosen subcommand only.
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 

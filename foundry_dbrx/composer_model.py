@@ -143,6 +143,5 @@ class ComposerDbrxCausalLM(ComposerModel):
         and with experts at top_k / E; the second term is attention (LLM Foundry's and torchtitan's convention)."""
         b, s = batch['input_ids'].shape[:2]
         c = self.config
-        n = c.num_params()
-        per_token = 6 * (n['active'] - c.vocab_size * c.d_model) + 12 * c.n_layers * c.d_model * s
+        per_token = 6 * (self.n_active_params - c.vocab_size * c.d_model) + 12 * c.n_layers * c.d_model * s
         return per_token * b * s

@@ -632,7 +632,7 @@ def _fix_zip_crcs(path: Path, chunk: int = 2**20) -> None:
             descriptor = f.tell()
             if info.flag_bits & 0x08:
                 if f.read(4) != b'PK\x07\x08':
-                    f.seek(descriptor - 4)  # the descriptor's signature is optional
+                    f.seek(descriptor)  # no signature (it is optional): the CRC comes first
                 f.write(struct.pack('<I', crc))
             else:
                 f.seek(info.header_offset + 14)

@@ -25,17 +25,24 @@ class ComposerMPTDbrxMoE(ComposerMPTCausalLM):
         ffn = dict(kwargs.get('ffn_config') or {})
         if ffn.setdefault('ffn_type', 'dbrx_moe') != 'dbrx_moe':
             raise ValueError(f"ffn_config.ffn_type ({ffn['ffn_type']!r}) must be 'dbrx_moe' for model mpt_dbrx_moe")
-        n_layers = kwargs.get('n_layers', 2)
-        if ffn.setdefault('moe_num_layers', n_layers) != n_layers:
-            raise ValueError(f"ffn_config.moe_num_layers ({ffn['moe_num_layers']}) must equal n_layers ({n_layers})")
+        if 'moe_num_layers' in ffn and ffn['moe_num_layers'] != kwargs.get('n_layers', ffn['moe_num_layers']):
+            raise ValueError(f"ffn_config.moe_num_layers ({ffn['moe_num_layers']}) must equal n_layers "
+                             f"({kwargs['n_layers']})")
         super().__init__(tokenizer=tokenizer, **{**kwargs, 'ffn_config': ffn})
         self._moe_layers = [m for m in self.modules() if isinstance(m, MPTDbrxMoE)]
         for layer in self._moe_layers:
             layer.lb_loss_collected = True
+            layer.num_layers = len(self._moe_layers)  # MPTConfig's n_layers, its default included
 
     def loss(self, outputs: Any, batch: Mapping) -> dict[str, torch.Tensor]:
         ce = super().loss(outputs, batch)
         parts = [lbl for lbl in (layer.pop_lb_loss() for layer in self._moe_layers) if lbl is not None]
+        weight = self._moe_layers[0].ffn.cfg.moe_loss_weight if self._moe_layers else 0
+        if self.training and torch.is_grad_enabled() and weight > 0 and len(parts) != len(self._moe_layers):
+            # Reentrant activation checkpointing runs the blocks without autograd: no layer recorded its loss.
+            raise RuntimeError(
+                f'only {len(parts)} of {len(self._moe_layers)} dbrx_moe layers recorded a load-balancing loss; with '
+                'activation checkpointing set fsdp_config.activation_checkpointing_reentrant: false')
         lbl = torch.stack(parts).sum() if parts else torch.zeros_like(ce)
         return {'total': ce + lbl, 'loss': ce, 'lb_loss_weighted': lbl}
 

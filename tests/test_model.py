@@ -189,6 +189,18 @@ def test_dbrx_moe_inside_llm_foundry_mpt():
     total = sum(p.numel() for p in model.parameters())
     assert model.n_active_params == total - 2 * (4 - 2) * 3 * 64 * 32
 
+    # n_layers left to MPTConfig's default (24): each layer still divides by the real layer count.
+    deep = ComposerMPTDbrxMoE(**{k: v for k, v in common.items() if k != 'n_layers'}, ffn_config=ffn,
+                              loss_fn='torch_crossentropy')
+    assert {b.ffn.num_layers for b in deep.model.transformer.blocks} == {24}
+
+    # Reentrant checkpointing runs the blocks without autograd: the loss refuses rather than train without it.
+    model.train()
+    with torch.no_grad():
+        out = model(batch)
+    with pytest.raises(RuntimeError, match='activation_checkpointing_reentrant: false'):
+        model.loss(out, batch)
+
     # Plain MPT cannot add the loss: it refuses to train rather than drop it silently.
     plain = MPTForCausalLM(MPTConfig(**common, ffn_config={**ffn, 'moe_num_layers': 2}))
     with pytest.raises(RuntimeError, match="model name 'mpt_dbrx_moe'"):

@@ -62,7 +62,7 @@ class MPTDbrxMoE(nn.Module):
         y, routing = self.ffn(x)
         cfg = self.ffn.cfg
         if self.training and torch.is_grad_enabled() and cfg.moe_loss_weight > 0:
-            if not self.lb_loss_collected or self.num_layers is None:
+            if not self.lb_loss_collected or not self.num_layers:
                 raise RuntimeError(
                     "ffn_type dbrx_moe trains inside LLM Foundry's MPT only as model name 'mpt_dbrx_moe', which "
                     'adds its load-balancing loss to the training loss (and sets ffn_config.moe_num_layers)')

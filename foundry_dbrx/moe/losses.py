@@ -17,6 +17,13 @@ from foundry_dbrx.moe.router import Routing
 __all__ = ['load_balancing_loss', 'switch_load_balancing_loss', 'megablocks_load_balancing_loss']
 
 
+def _expert_counts(experts_TK: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    # scatter_add, not bincount: on CUDA bincount reads the min and max back to the host (a sync per layer).
+    flat = experts_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=dtype, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 def switch_load_balancing_loss(routings: Sequence[Routing], num_experts: int) -> torch.Tensor:
     """HF DBRX / Switch Transformer: ``E * sum_e f_e * P_e`` over all layers' tokens concatenated.
 
@@ -27,7 +34,7 @@ def switch_load_balancing_loss(routings: Sequence[Routing], num_experts: int) ->
     probs_NE = torch.cat([r.probs_TE for r in routings], dim=0)
     experts_NK = torch.cat([r.experts_TK for r in routings], dim=0)
     n = experts_NK.shape[0]
-    counts_E = torch.bincount(experts_NK.reshape(-1), minlength=num_experts).to(probs_NE.dtype)
+    counts_E = _expert_counts(experts_NK, num_experts, probs_NE.dtype)
     return num_experts * torch.dot(counts_E / n, probs_NE.mean(dim=0))
 
 
@@ -36,7 +43,7 @@ def megablocks_load_balancing_loss(routings: Sequence[Routing], num_experts: int
     total = None
     for r in routings:
         t, k = r.experts_TK.shape
-        counts_E = torch.bincount(r.experts_TK.reshape(-1), minlength=num_experts).to(r.probs_TE.dtype)
+        counts_E = _expert_counts(r.experts_TK, num_experts, r.probs_TE.dtype)
         layer = torch.dot(counts_E, r.probs_TE.mean(dim=0)) * (num_experts / (t * k))
         total = layer if total is None else total + layer
     return total / len(routings)
