@@ -63,7 +63,7 @@ HF_GENERATION_CONFIG = 'generation_config.json'
 COMPOSER_MODEL_PREFIX = 'model.'
 # Where the sharded (torch.distributed.checkpoint) format keeps the model: Composer saves {'state': {'model': ...}}
 # and DCP flattens nested dicts with dots.
-DCP_MODEL_PREFIX = 'state.model.' + COMPOSER_MODEL_PREFIX
+DCP_STATE_MODEL = 'state.model.'  # where Composer's sharded checkpoints keep the ComposerModel's state
 # Our own top-level key in the .pt: the source config.json and the small HF files, so that HF -> Composer -> HF
 # gives back the tokenizer and config without extra flags. Composer reads only 'state' and 'rng' and ignores it.
 CARRY_KEY = 'foundry_dbrx'
@@ -192,9 +192,13 @@ def load_hf_config(hf_dir: PathLike) -> tuple[DbrxConfig, dict]:
         raise ValueError(f'{path}: {e}') from e
 
 
+def _hf_act_fn(value: Any) -> dict:
+    return dict(value or {'name': 'silu'})  # HF's spelling of null: DBRX experts are SiLU GLUs
+
+
 def _normalise(section: str, name: str, value: Any) -> Any:
     if section == 'ffn_config' and name == 'ffn_act_fn':
-        return dict(value or {'name': 'silu'})  # HF writes {'name': 'silu'} for null
+        return _hf_act_fn(value)
     return value
 
 
@@ -264,7 +268,7 @@ def hf_config_dict(cfg: DbrxConfig, dtype: Optional[torch.dtype] = None, base: O
                          "transformers' DBRX has no eps field and always uses that value")
     out = {k: v for k, v in (base or {}).items() if k not in ('auto_map', '_name_or_path')}
     ours = cfg.to_hf_dict()
-    ours['ffn_config']['ffn_act_fn'] = ours['ffn_config']['ffn_act_fn'] or {'name': 'silu'}  # HF's spelling of null
+    ours['ffn_config']['ffn_act_fn'] = _hf_act_fn(ours['ffn_config']['ffn_act_fn'])
     for section in ('attn_config', 'ffn_config'):
         ours[section] = {**(out.get(section) or {}), **ours[section]}
     # Training at a shorter max_seq_len (a YAML over pretrained_hf_dir) does not shrink the model's context.
@@ -442,14 +446,14 @@ class _DCPSource:
         self._reader = lambda: dcp.FileSystemReader(str(self.path))
         metadata = self._reader().read_metadata()
         tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-        model_keys = {k: v for k, v in tensors.items() if k.startswith('state.model.')}
+        model_keys = {k: v for k, v in tensors.items() if k.startswith(DCP_STATE_MODEL)}
         if not model_keys:
             raise ValueError(f"{path}: no tensors under state.model in this sharded checkpoint; found prefixes "
                              f"{sorted({k.split('.')[0] for k in metadata.state_dict_metadata})}")
-        self.names = _composer_model_keys({k[len('state.model.'):]: None for k in model_keys}, str(path))
+        self.names = _composer_model_keys({k[len(DCP_STATE_MODEL):]: None for k in model_keys}, str(path))
         self.specs = {}
         for hf_key, composer_key in self.names.items():
-            md = model_keys['state.model.' + composer_key]
+            md = model_keys[DCP_STATE_MODEL + composer_key]
             self.specs[hf_key] = TensorSpec(tuple(md.size), md.properties.dtype)
         self.carried = {}
 
