@@ -45,7 +45,12 @@ def eager_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torc
     t, k = experts_TK.shape
     num_experts = w1_EFD.shape[0]
     order_N, counts_E = sort_by_expert(experts_TK, num_experts)
-    x_ND = x_TD[order_N // k]
+    # A permutation of the K copies of each token, not x_TD[order_N // k]: that index holds every token K times, and
+    # its backward (index_put_ with accumulate) then adds the K slots into one row with parallel atomic adds on CPU
+    # (aten/src/ATen/native/cpu/IndexKernel.cpp; atomics on CUDA too), in an order set by thread timing, so the same
+    # seed gave different gradients from run to run on a busy machine. Here each slot's gradient lands in a row of
+    # its own and the K copies are summed by expand's backward, in a fixed order.
+    x_ND = x_TD.unsqueeze(1).expand(t, k, x_TD.shape[-1]).reshape(t * k, -1)[order_N]
     outs = []
     # unbind, not w1_EFD[e]: each indexing op's backward would materialise a zero [E, F, D] gradient.
     per_expert = zip(x_ND.split(counts_E.tolist()), w1_EFD.unbind(0), v1_EFD.unbind(0), w2_EFD.unbind(0))
