@@ -1,7 +1,7 @@
 """The ``foundry-dbrx`` command. Each subcommand lives in its own module, listed once in ``SUBCOMMANDS``.
 
 A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when its
-subcommand runs, so ``foundry-dbrx --help`` stays fast.
+subcommand runs, so ``foundry-dbrx --help`` stays fast. Ctrl-C ends any of them with one line and status 130.
 """
 
 from __future__ import annotations
@@ -11,20 +11,46 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# name -> (module, one-line help)
+# name -> (module, one-line help, examples, what Ctrl-C leaves behind when the module itself does not say)
 SUBCOMMANDS = {
-    'prep-data': ('foundry_dbrx.data.prep', 'tokenize text into MDS shards that LLM Foundry\'s text loader reads'),
-    'train': ('foundry_dbrx.train', 'train from a YAML (same as python -m foundry_dbrx.train)'),
-    'convert': ('foundry_dbrx.hf', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR'),
+    'prep-data': ('foundry_dbrx.data.prep', 'tokenize text into MDS shards that LLM Foundry\'s text loader reads',
+                  'examples:\n  foundry-dbrx prep-data --default --out ./data/default\n'
+                  '  foundry-dbrx prep-data docs/ more.jsonl --out s3://bucket/my-data --max-seq-len 2048',
+                  'nothing was written'),
+    'train': ('foundry_dbrx.train', 'train from a YAML (same as python -m foundry_dbrx.train)',
+              'examples:\n  foundry-dbrx train yamls/dbrx-tiny.yaml max_duration=20ba\n'
+              '  composer -n 2 -m foundry_dbrx.train yamls/dbrx-tiny.yaml\n'
+              'Ctrl-C stops at the end of the current step and saves a checkpoint; rerunning resumes (autoresume).\n'
+              'FOUNDRY_DBRX_DETERMINISTIC=1 makes GPU runs bit-reproducible (PyTorch deterministic kernels, slower);\n'
+              'CPU runs are reproducible without it.',
+              'nothing was trained or written'),
+    'convert': ('foundry_dbrx.hf', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR',
+                'examples:\n  foundry-dbrx convert hf-to-composer ./dbrx-base ./dbrx-base.pt\n'
+                '  foundry-dbrx convert composer-to-hf runs/dbrx-tiny/checkpoints/latest-rank0.pt ./dbrx-tiny-hf '
+                '--config yamls/dbrx-tiny.yaml\n'
+                '  foundry-dbrx convert hf-to-composer --help   (the options of each direction)',
+                'the output was not written (its partial copy was removed)'),
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default in ``--help`` (unless its help already says it), and examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if (not action.option_strings or action.nargs == 0 or 'default' in text or action.default is None
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f'{text} (default: %(default)s)'
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='foundry-dbrx', description='Train DBRX-class MoE models.')
+    parser = argparse.ArgumentParser(prog='foundry-dbrx', description='Train DBRX-class MoE models.',
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    for name, (_, help_text) in SUBCOMMANDS.items():
+    for name, (_, help_text, examples, _) in SUBCOMMANDS.items():
         # Arguments are added in main(), for the chosen subcommand only.
-        sub.add_parser(name, help=help_text, description=help_text)
+        sub.add_parser(name, help=help_text, description=help_text, epilog=examples, formatter_class=HelpFormatter)
     return parser
 
 
@@ -34,10 +60,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         parser.parse_args(argv)  # prints usage / the error and exits
         return 2
-    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    sub = argparse.ArgumentParser(prog=f'foundry-dbrx {argv[0]}', description=SUBCOMMANDS[argv[0]][1])
-    module.add_arguments(sub)
-    return int(module.run(sub.parse_args(argv[1:])) or 0)
+    name = argv[0]
+    module_name, help_text, examples, interrupted = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+        sub = argparse.ArgumentParser(prog=f'foundry-dbrx {name}', description=help_text, epilog=examples,
+                                      formatter_class=HelpFormatter)
+        module.add_arguments(sub)
+        return int(module.run(sub.parse_args(argv[1:])) or 0)
+    except KeyboardInterrupt:
+        print(f'\nfoundry-dbrx {name}: interrupted; {interrupted}', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
 from foundry_dbrx.moe.losses import load_balancing_loss
 from foundry_dbrx.parallelize import attach_composer_hooks
 
-__all__ = ['ComposerDbrxCausalLM']
+__all__ = ['ComposerDbrxCausalLM', 'config_from_model_section', 'check_tokenizer_fits']
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,34 @@ def _is_right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
+# Keys of a YAML ``model:`` section that are not DBRX config fields: LLM Foundry's registry name and the arguments
+# of ComposerDbrxCausalLM itself.
+_CONSTRUCTOR_KEYS = ('name', 'tokenizer', 'init_device', 'use_train_metrics', 'pretrained_hf_dir')
+
+
+def _parse_config(model_config: Mapping[str, Any], pretrained_hf_dir: Optional[str]) -> DbrxConfig:
+    if pretrained_hf_dir is None:
+        return DbrxConfig.from_dict(dict(model_config))
+    from foundry_dbrx.hf import config_with_hf
+    return config_with_hf(pretrained_hf_dir, model_config)
+
+
+def config_from_model_section(section: Mapping[str, Any]) -> DbrxConfig:
+    """The :class:`DbrxConfig` that a YAML ``model:`` section (``name: dbrx``) builds, parsed exactly as the
+    constructor parses it; ``foundry_dbrx.train`` calls it to check the YAML before anything is built."""
+    fields = {k: v for k, v in section.items() if k not in _CONSTRUCTOR_KEYS}
+    return _parse_config(fields, section.get('pretrained_hf_dir'))
+
+
+def check_tokenizer_fits(tokenizer_size: int, vocab_size: int, tokenizer_name: str = 'the tokenizer') -> None:
+    """Every token id must have an embedding row: ``ValueError`` when the tokenizer has more ids than
+    ``vocab_size`` (the model would fail, or read another token's row, at the first large id)."""
+    if tokenizer_size > vocab_size:
+        raise ValueError(f'model.vocab_size ({vocab_size}) is smaller than {tokenizer_name} ({tokenizer_size} '
+                         f'tokens, ids 0-{tokenizer_size - 1}): every token id needs an embedding row; set '
+                         f'model.vocab_size to at least {tokenizer_size} (DBRX uses 100352)')
+
+
 def _fmt_params(n: int) -> str:
     return f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.2f}M'
 
@@ -48,7 +76,8 @@ class ComposerDbrxCausalLM(ComposerModel):
     """DBRX for Composer and LLM Foundry.
 
     Args:
-        tokenizer: passed by LLM Foundry; kept for checkpoint export, unused by the math.
+        tokenizer: passed by LLM Foundry; kept for checkpoint export, unused by the math. It may not have more
+            tokens than ``vocab_size`` (``ValueError``).
         init_device: ``cpu``, ``cuda``, ``meta`` (FSDP materialises and initialises block by block) or
             ``mixed`` (LLM Foundry's name for meta on all ranks but 0, treated as meta here).
         use_train_metrics: compute cross entropy and perplexity metrics on training batches.
@@ -61,11 +90,10 @@ class ComposerDbrxCausalLM(ComposerModel):
                  pretrained_hf_dir: Optional[str] = None, **model_config: Any):
         super().__init__()
         _follow_llmfoundry_log_level()
-        if pretrained_hf_dir is None:
-            self.config = DbrxConfig.from_dict(model_config)
-        else:
-            from foundry_dbrx.hf import config_with_hf
-            self.config = config_with_hf(pretrained_hf_dir, model_config)
+        self.config = _parse_config(model_config, pretrained_hf_dir)
+        if tokenizer is not None:  # before a single weight is allocated
+            check_tokenizer_fits(len(tokenizer), self.config.vocab_size,
+                                 f'the tokenizer ({type(tokenizer).__name__})')
         if init_device not in ('cpu', 'cuda', 'meta', 'mixed'):
             raise ValueError(f"init_device ({init_device!r}) must be one of ['cpu', 'cuda', 'meta', 'mixed']")
         device = 'meta' if init_device == 'mixed' else init_device

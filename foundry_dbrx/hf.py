@@ -33,6 +33,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import struct
 import sys
 import zipfile
@@ -181,6 +182,9 @@ HF_LAYER_NORM_EPS = 1e-5
 def load_hf_config(hf_dir: PathLike) -> tuple[DbrxConfig, dict]:
     """(our config, the raw config.json dict) of an HF DBRX folder."""
     path = Path(hf_dir) / HF_CONFIG
+    if not Path(hf_dir).is_dir():
+        raise FileNotFoundError(f'{hf_dir}: no such folder (expected an HF DBRX folder: config.json and safetensors '
+                                'weights)')
     if not path.is_file():
         raise FileNotFoundError(f'{hf_dir}: no {HF_CONFIG}; an HF DBRX folder has config.json and safetensors weights')
     raw = json.loads(path.read_text())
@@ -300,7 +304,6 @@ class _HFSource:
     """An HF folder's safetensors: specs from the headers; tensors read per shard file."""
 
     def __init__(self, hf_dir: PathLike):
-        from safetensors import safe_open
         self.dir = Path(hf_dir)
         index_path, single = self.dir / HF_INDEX, self.dir / HF_SINGLE_FILE
         if index_path.is_file():
@@ -318,7 +321,7 @@ class _HFSource:
         self._layouts: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}  # file -> _safetensors_layout(file)
         disagreements = []
         for name in files:
-            with safe_open(self.dir / name, framework='pt') as f:
+            with _safe_open(self.dir / name) as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
@@ -343,9 +346,8 @@ class _HFSource:
 
     def iter_tensors(self, keys: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (key, tensor) one at a time, opening each shard file once."""
-        from safetensors import safe_open
         for name, group in self.by_file(keys):
-            with safe_open(self.dir / name, framework='pt') as f:
+            with _safe_open(self.dir / name) as f:
                 for k in group:
                     yield k, f.get_tensor(self._raw_names[k])
 
@@ -377,6 +379,18 @@ class _HFSource:
                 done += n
 
 
+@contextlib.contextmanager
+def _safe_open(path: Path) -> Iterator[Any]:
+    """safetensors' ``safe_open``, whose errors (a cut-short or damaged file) do not name the file: these do."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e}); '
+                         'cut short or damaged? Copy or convert it again') from None
+
+
 def _safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     """(where the data starts, key -> (begin, end) byte offsets in the data) from a safetensors header: 8 bytes of
     little-endian header length, then the JSON header."""
@@ -393,6 +407,18 @@ def _torch_load(path: Path, mmap_: bool = True) -> Any:
         # Composer training checkpoints pickle Composer objects (Timestamp, ...), which weights_only refuses; they are
         # loaded the way Composer itself loads them. Only convert checkpoints you trust.
         return torch.load(path, map_location='cpu', mmap=mmap_, weights_only=False)
+
+
+def _why_not_torch_zip(path: Path) -> str:
+    """Why a file that is not a readable zip is not a torch.save checkpoint, from its first bytes."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if head.startswith(b'PK\x03\x04'):
+        return (f'a zip file with no directory at its end ({path.stat().st_size:,} bytes): cut short while being '
+                'written or copied? Use an earlier checkpoint or copy it again')
+    if head.startswith((b'\x1f\x8b', b'\x04\x22\x4d\x18', b'\x28\xb5\x2f\xfd')) or head[257:262] == b'ustar':
+        return 'a compressed Composer checkpoint (.tar / .gz / .lz4 / .zst): decompress it first'
+    return 'not a torch.save checkpoint (no zip header)'
 
 
 def _composer_model_keys(state_model: Mapping[str, Any], where: str) -> dict[str, str]:
@@ -418,9 +444,12 @@ class _TorchSaveSource:
     def __init__(self, path: PathLike):
         self.path = Path(path)
         if not zipfile.is_zipfile(self.path):
-            raise ValueError(f'{path}: not an uncompressed torch.save file; decompress .tar / .lz4 / .gz Composer '
-                             'checkpoints first')
-        ckpt = _torch_load(self.path)
+            raise ValueError(f'{path}: {_why_not_torch_zip(self.path)}')
+        try:
+            ckpt = _torch_load(self.path)
+        except (RuntimeError, EOFError) as e:  # torch's zip reader on a damaged file
+            raise ValueError(f'{path}: cannot be read as a torch.save checkpoint ({type(e).__name__}: '
+                             f'{" ".join(str(e).split())})') from None
         model = (ckpt.get('state') or {}).get('model') if isinstance(ckpt, dict) else None
         if not isinstance(model, Mapping):
             raise ValueError(f"{path}: no state['model'] dict; top-level keys are "
@@ -694,6 +723,8 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
                     tensors[k] = t.contiguous()
                     weight_map[k] = name
                 save_file(tensors, tmp / name, metadata={'format': 'pt'})  # transformers requires format=pt
+                # safetensors creates its files 0600; give them the folder's umask-derived mode, like the rest.
+                os.chmod(tmp / name, stat.S_IMODE(tmp.stat().st_mode) & 0o666)
                 bar.update(sum(t.nbytes for t in tensors.values()))
                 del tensors
         if len(shards) > 1:
@@ -845,16 +876,22 @@ def gather_full_state_dict(composer_model: nn.Module) -> Optional[dict[str, torc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest='direction', required=True, metavar='DIRECTION')
     p = sub.add_parser('hf-to-composer', help='HF DBRX folder -> Composer checkpoint (.pt) for load_path',
-                       description='HF DBRX folder -> Composer checkpoint (.pt) for load_path + load_weights_only')
-    p.add_argument('hf_dir', metavar='HF_DIR')
+                       description='HF DBRX folder -> Composer checkpoint (.pt) for load_path + load_weights_only',
+                       formatter_class=parser.formatter_class,
+                       epilog='example:  foundry-dbrx convert hf-to-composer ./dbrx-base ./dbrx-base.pt\n'
+                              '          then in the YAML: load_path: ./dbrx-base.pt  load_weights_only: true')
+    p.add_argument('hf_dir', metavar='HF_DIR', help='a local HF DBRX folder (config.json, *.safetensors)')
     p.add_argument('out', metavar='OUT', help='the .pt file to write')
     p.add_argument('--dtype', choices=sorted(DTYPES), help='cast the weights (default: keep)')
     p.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p = sub.add_parser('composer-to-hf', help='Composer checkpoint (.pt or sharded folder) -> HF DBRX folder',
-                       description='Composer checkpoint (.pt or FSDP sharded folder) -> HF DBRX folder')
-    p.add_argument('ckpt', metavar='CKPT')
-    p.add_argument('out_dir', metavar='OUT_DIR')
+                       description='Composer checkpoint (.pt or FSDP sharded folder) -> HF DBRX folder',
+                       formatter_class=parser.formatter_class,
+                       epilog='example:  foundry-dbrx convert composer-to-hf runs/dbrx-tiny/checkpoints/'
+                              'latest-rank0.pt ./dbrx-tiny-hf --config yamls/dbrx-tiny.yaml')
+    p.add_argument('ckpt', metavar='CKPT', help='a Composer checkpoint: a .pt file or a sharded checkpoint folder')
+    p.add_argument('out_dir', metavar='OUT_DIR', help='the HF folder to write')
     p.add_argument('--config', help='training YAML, HF config.json or HF folder with the model config '
                                     '(not needed for checkpoints made by hf-to-composer)')
     p.add_argument('--tokenizer-dir', help='HF folder whose tokenizer / generation files to copy')

@@ -1,55 +1,309 @@
 """Train from a YAML: ``python -m foundry_dbrx.train YAML [key=value ...]`` (also ``foundry-dbrx train`` and
 ``composer -n N -m foundry_dbrx.train YAML``).
 
-A thin layer over LLM Foundry's ``train``: it makes sure foundry-dbrx's registrations exist even where the
-package is only on ``PYTHONPATH`` (no entry points), adds the run-summary callback, then hands over.
+A thin layer over LLM Foundry's ``train``. Before anything is built it checks what can be checked cheaply (the YAML
+against LLM Foundry's schema and the model's own config parsing, the datasets on disk, the tokenizer against
+``vocab_size``, the checkpoint that will be loaded); a problem there is one line that names the field or file and the
+fix. It makes sure foundry-dbrx's registrations exist even where the package is only on ``PYTHONPATH``, adds the
+run-summary callback (closing lines; Ctrl-C stops at a step boundary with a checkpoint), then hands over.
+
+Exit status: 0 done, 1 a training error, 2 bad input found before training, 128 + the signal's number when Ctrl-C
+(130) or SIGTERM (143) stopped the run. ``FOUNDRY_DBRX_DETERMINISTIC=1`` turns on PyTorch's deterministic
+algorithms (bit-identical GPU runs at some cost in speed; CPU runs are deterministic without it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
+import signal
 import sys
-from typing import Optional, Sequence
+import zipfile
+from typing import Any, Optional, Sequence
 
-__all__ = ['load_config', 'main']
+__all__ = ['TrainInputError', 'load_config', 'preflight', 'checkpoint_to_load', 'main', 'DETERMINISTIC_ENV']
+
+DETERMINISTIC_ENV = 'FOUNDRY_DBRX_DETERMINISTIC'
+_TEXT_LOADERS = ('text', 'dbrx_text')  # loaders that read prep-data's MDS folders (local/remote/split)
+_INDEX = 'index.json'
+
+
+class TrainInputError(ValueError):
+    """Bad input found before training (YAML, data, tokenizer, checkpoint): one line naming it and the fix."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('yaml', help='training YAML (LLM Foundry format, model.name: dbrx)')
-    parser.add_argument('overrides', nargs='*', help='dotted overrides, e.g. max_duration=20ba model.n_layers=2')
+    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
+                        help='dotted overrides, e.g. max_duration=20ba model.n_layers=2 run_name=my-run')
 
 
 def load_config(yaml_path: str, overrides: Sequence[str] = ()):
     """The YAML with command-line overrides merged in, plus the run-summary callback."""
     from omegaconf import OmegaConf as om
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     if not os.path.isfile(yaml_path):
-        raise FileNotFoundError(f'training YAML {yaml_path!r} does not exist')
-    cfg = om.load(yaml_path)
+        raise TrainInputError(f'training YAML {yaml_path!r} does not exist')
+    try:
+        cfg = om.load(yaml_path)
+    except YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        raise TrainInputError(f'{yaml_path}: not valid YAML{where}: {getattr(e, "problem", None) or e}') from None
     bad = [o for o in overrides if '=' not in o]
     if bad:
-        raise ValueError(f'overrides {bad} must look like key=value (for example max_duration=10ba)')
-    if overrides:
-        cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
-    callbacks = cfg.get('callbacks') or {}
-    if 'dbrx_run_summary' not in callbacks:
-        cfg.callbacks = om.merge(callbacks, {'dbrx_run_summary': {}})
+        raise TrainInputError(f'overrides {bad} must look like key=value (for example max_duration=10ba)')
+    try:
+        if overrides:
+            cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
+        callbacks = cfg.get('callbacks') or {}
+        if 'dbrx_run_summary' not in callbacks:
+            cfg.callbacks = om.merge(callbacks, {'dbrx_run_summary': {}})
+    except OmegaConfBaseException as e:
+        raise TrainInputError(f'{yaml_path} with overrides {list(overrides)}: {_one_line(e)}') from None
     return cfg
 
 
+# ---------------------------------------------------------------------------------------------------- pre-flight
+def preflight(cfg: Any, yaml_path: str = 'the YAML') -> Optional[str]:
+    """Checks made before anything is built; raises :class:`TrainInputError`. Returns the local checkpoint that
+    training will load (autoresume's latest, else ``load_path``), or None."""
+    resolved = _resolved(cfg, yaml_path)
+    # The cheap checks first (files on disk), before the imports of LLM Foundry and Composer (seconds).
+    _check_datasets(resolved)
+    checkpoint = checkpoint_to_load(resolved)
+    _check_schema(cfg, yaml_path)
+    vocab_size = _check_model(resolved)
+    _check_tokenizer(resolved, vocab_size)
+    return checkpoint
+
+
+def _resolved(cfg: Any, yaml_path: str = 'the YAML') -> dict:
+    from omegaconf import OmegaConf as om
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        return om.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise TrainInputError(f'{yaml_path}: {_one_line(e)}') from None
+
+
+def _one_line(e: BaseException) -> str:
+    return ' '.join(str(e).split())
+
+
+def _check_schema(cfg: Any, yaml_path: str) -> None:
+    # LLM Foundry's own check (unknown top-level keys, types), the first thing its train() does; run here so that
+    # its complaint is one line too.
+    from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, TrainConfig, make_dataclass_and_log_config
+    try:
+        make_dataclass_and_log_config(copy.deepcopy(cfg), TrainConfig, TRAIN_CONFIG_KEYS, transforms='all')
+    except (ValueError, TypeError, KeyError) as e:
+        raise TrainInputError(f'{yaml_path}: not a valid LLM Foundry training config: {_one_line(e)}') from None
+
+
+def _check_datasets(cfg: dict) -> None:
+    """Every local-only MDS dataset a text loader will read has its index.json, else the prep-data command."""
+    loaders = [('train_loader', cfg.get('train_loader'))]
+    evals = cfg.get('eval_loader') or cfg.get('eval_loaders')
+    if isinstance(evals, list):
+        loaders += [(f'eval_loaders[{i}]', e) for i, e in enumerate(evals)]
+    elif evals:
+        loaders.append(('eval_loader', evals))
+    seq = cfg.get('max_seq_len') or (cfg.get('model') or {}).get('max_seq_len')
+    for name, loader in loaders:
+        if not isinstance(loader, dict) or loader.get('name') not in _TEXT_LOADERS:
+            continue
+        dataset = loader.get('dataset') or {}
+        streams = dataset.get('streams')
+        sources = ([(f'{name}.dataset.streams.{k}', {**dataset, **(s or {})}) for k, s in streams.items()]
+                   if isinstance(streams, dict) else [(f'{name}.dataset', dataset)])
+        for where, source in sources:
+            local, split = source.get('local'), source.get('split')
+            if source.get('remote') or not local:
+                continue  # streamed from a remote into the cache: Streaming reports a missing remote itself
+            index = os.path.join(local, split or '', _INDEX)
+            if not os.path.isfile(index):
+                seq_arg = f' --max-seq-len {seq}' if seq else ''
+                raise TrainInputError(
+                    f'{where}.local: no dataset at {os.path.join(local, split or "")} (no {_INDEX}); make one with '
+                    f'`foundry-dbrx prep-data --default --out {local}{seq_arg}` (the embedded corpus) or '
+                    f'`foundry-dbrx prep-data YOUR_FILES --out {local}{seq_arg}`')
+
+
+def _check_model(cfg: dict) -> Optional[int]:
+    """The model section through the model's own config parsing; returns its vocab_size (dbrx models)."""
+    model = cfg.get('model') or {}
+    if model.get('name') != 'dbrx':
+        return model.get('vocab_size')  # LLM Foundry's models check themselves
+    from foundry_dbrx.composer_model import config_from_model_section
+    try:
+        return config_from_model_section(model).vocab_size
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise TrainInputError(f'model: {_one_line(e)}') from None
+
+
+def _check_tokenizer(cfg: dict, vocab_size: Optional[int]) -> None:
+    tokenizer = cfg.get('tokenizer') or {}
+    if tokenizer.get('name') != 'dbrx' or vocab_size is None:
+        return  # other tokenizers are checked by the model's constructor, which receives them
+    from foundry_dbrx.composer_model import check_tokenizer_fits
+    from foundry_dbrx.data.tokenizer import DbrxTokenizer
+    try:
+        check_tokenizer_fits(len(DbrxTokenizer(**(tokenizer.get('kwargs') or {}))), vocab_size,
+                             "tokenizer 'dbrx'")
+    except ValueError as e:
+        raise TrainInputError(str(e)) from None
+
+
+def checkpoint_to_load(cfg: dict) -> Optional[str]:
+    """The local checkpoint Composer will load, checked: with ``autoresume``, the ``latest`` link in the save
+    folder when there is one, else ``load_path``. A missing or truncated file is a :class:`TrainInputError`."""
+    rank = int(os.environ.get('RANK', '0'))
+    save_folder = cfg.get('save_folder')
+    run_name = cfg.get('run_name') or os.environ.get('RUN_NAME')
+    if cfg.get('autoresume') and save_folder and run_name and '://' not in save_folder:
+        sharded = (cfg.get('fsdp_config') or {}).get('state_dict_type') == 'sharded'
+        latest_name = cfg.get('save_latest_filename') or ('latest-sharded-rank{rank}' if sharded else
+                                                         'latest-rank{rank}.pt')
+        latest = os.path.join(save_folder.replace('{run_name}', run_name),
+                              latest_name.replace('{rank}', str(rank)).replace('{run_name}', run_name))
+        if os.path.islink(latest) and not os.path.exists(latest):
+            raise TrainInputError(f'autoresume: {latest} points to {os.readlink(latest)}, which does not exist; '
+                                  'remove the link to resume from nothing, or point it at a checkpoint')
+        if os.path.exists(latest):
+            path = os.path.realpath(latest)
+            _check_checkpoint_file(path, f'autoresume would load {path} (through {latest}), but it')
+            return path
+    load_path = cfg.get('load_path')
+    if not load_path or '://' in str(load_path):
+        return None
+    load_path = str(load_path).replace('{rank}', str(rank))
+    if not os.path.exists(load_path):
+        raise TrainInputError(f'load_path: {load_path} does not exist')
+    _check_checkpoint_file(load_path, f'load_path: {load_path}')
+    return load_path
+
+
+def _already_complete(cfg: dict, checkpoint: Optional[str]) -> Optional[str]:
+    """A message when the checkpoint to load already reached ``max_duration`` (in batches), else None."""
+    duration = str(cfg.get('max_duration') or '')
+    step = re.search(r'-ba(\d+)-', os.path.basename(checkpoint or ''))
+    if not (re.fullmatch(r'\d+ba', duration) and step) or int(step.group(1)) < int(duration[:-2]):
+        return None
+    return (f'nothing to train: {checkpoint} is at step {step.group(1)}, and max_duration is {duration}. Raise '
+            f'max_duration to train further, or start a new run (another run_name, or remove '
+            f'{os.path.dirname(checkpoint)}; make train FRESH=1 does that for the tiny run)')
+
+
+def _check_checkpoint_file(path: str, what: str) -> None:
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, '.metadata')):
+            raise TrainInputError(f'{what} is a folder without .metadata: not a sharded Composer checkpoint')
+        return
+    if path.endswith(('.tar', '.tar.gz', '.tgz', '.lz4', '.gz', '.zst', '.bz2', '.xz')):
+        return  # compressed: Composer unpacks it; nothing cheap to check
+    # torch.save writes a zip whose directory sits at the very end: a file cut short (a killed save, a full disk)
+    # has none. Reading the directory costs nothing at any checkpoint size.
+    try:
+        with zipfile.ZipFile(path) as zf:
+            complete = any(n.endswith('/data.pkl') for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TrainInputError(f'{what} is not a complete checkpoint ({_one_line(e)}; {os.path.getsize(path):,} '
+                              'bytes): cut short while being written? Load an earlier checkpoint, or remove '
+                              'it') from None
+    if not complete:
+        raise TrainInputError(f'{what} is a zip file but not a torch.save checkpoint (no data.pkl)')
+
+
+def _raised_while_loading(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == 'load_checkpoint' and 'composer' in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+def _is_rank_zero() -> bool:
+    return int(os.environ.get('RANK', '0')) == 0
+
+
+def _error(message: str, every_rank: bool = False) -> None:
+    if every_rank or _is_rank_zero():
+        rank = os.environ.get('RANK')
+        where = f' (rank {rank})' if every_rank and int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
+        print(f'foundry-dbrx train{where}: error: {message}', file=sys.stderr, flush=True)
+
+
+def _summary_callback(trainer: Any):
+    from foundry_dbrx.summary import RunSummary
+    return next((cb for cb in trainer.state.callbacks if isinstance(cb, RunSummary)), None)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Checks, trains, closes; returns the exit status (see the module docstring)."""
+    ignore_ctrl_c = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # started in the background: keep it so
+    try:
+        cfg = load_config(args.yaml, args.overrides)
+        checkpoint = preflight(cfg, args.yaml)
+        complete = _already_complete(_resolved(cfg), checkpoint)
+        from foundry_dbrx.registry import register_all
+        register_all()
+        # Importing Composer made Ctrl-C sys.exit(130), silently; until training starts (when the run-summary
+        # callback takes Ctrl-C over) it is Python's KeyboardInterrupt again, so that it can be reported below.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_ctrl_c else signal.default_int_handler)
+    except TrainInputError as e:
+        _error(str(e))
+        return 2
+    except (KeyboardInterrupt, SystemExit) as e:
+        # SystemExit(130): Composer's Ctrl-C handler, installed when a check imported it
+        if isinstance(e, SystemExit) and e.code != 128 + signal.SIGINT:
+            raise
+        _error('interrupted before training started: nothing was trained or written')
+        return 130
+    if complete:
+        if _is_rank_zero():
+            print(f'[foundry-dbrx] {complete}', flush=True)
+        return 0
+    if os.environ.get(DETERMINISTIC_ENV, '') not in ('', '0'):
+        # Before any CUDA work: cuBLAS reads its workspace setting when its handle is created.
+        from composer.utils.reproducibility import configure_deterministic_mode
+        configure_deterministic_mode()
     from llmfoundry.command_utils import train
 
-    from foundry_dbrx.registry import register_all
-
-    register_all()
-    train(load_config(args.yaml, args.overrides))
+    from foundry_dbrx.summary import RunInterrupted
+    try:
+        trainer = train(cfg)
+    except RunInterrupted:
+        return 130  # a second Ctrl-C; the run's closing lines (at exit) say what was saved
+    except KeyboardInterrupt:
+        _error('interrupted before training started: nothing was trained or written')
+        return 130
+    except Exception as e:
+        if checkpoint is not None and _raised_while_loading(e):
+            _error(f'cannot load checkpoint {checkpoint}: {type(e).__name__}: {_one_line(e)}', every_rank=True)
+            return 2
+        from foundry_dbrx.data.loader import ShardUnavailableError
+        if isinstance(e, ShardUnavailableError):
+            _error(f'{type(e).__name__}: {_one_line(e)}', every_rank=True)
+            return 1
+        raise
+    summary = _summary_callback(trainer)
+    trainer.close()  # the closing lines, after the last metrics
+    if summary is not None and summary.stopped_at is not None:
+        return 128 + (summary.stop_signal or signal.SIGTERM)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m foundry_dbrx.train', description=__doc__.splitlines()[0])
+    from foundry_dbrx.cli import SUBCOMMANDS, HelpFormatter
+    parser = argparse.ArgumentParser(prog='python -m foundry_dbrx.train', description=SUBCOMMANDS['train'][1],
+                                     epilog=SUBCOMMANDS['train'][2], formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

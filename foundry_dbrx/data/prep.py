@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -222,7 +223,8 @@ def _jsonl_documents(path: str, field: str) -> Iterator[Document]:
             try:
                 record = json.loads(_decode(raw, path, lineno))
             except json.JSONDecodeError as e:
-                raise PrepError(f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
+                # Some of json's messages end in "at" ("Unterminated string starting at"): no second one.
+                raise PrepError(f'{where}: invalid JSON ({e.msg.removesuffix(" at")} at column {e.colno})') from None
             if not isinstance(record, dict):
                 raise PrepError(f'{where}: expected a JSON object with a {field!r} field, got '
                                 f'{type(record).__name__}')
@@ -324,6 +326,9 @@ _worker_encoding = None
 
 
 def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group; the parent handles it (and stops the pool). A worker killed by it
+    # instead breaks the pool under the parent's feet (see _encoded).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _worker_encoding
     _worker_encoding = load_cl100k_encoding()
 
@@ -357,18 +362,23 @@ def _encoded(batches: Iterator[list[str]], workers: int) -> Iterator[list[np.nda
         for batch in batches:
             yield _encode_batch(batch)
         return
-    with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-        pending: collections.deque[Future] = collections.deque()
-        try:
-            for batch in batches:
-                pending.append(pool.submit(_encode_batch, batch))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker)
+    pending: collections.deque[Future] = collections.deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(_encode_batch, batch))
+            if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # On any early exit (Ctrl-C, a bad input line, --max-tokens) the batches in flight, at most 2 * workers of
+        # about 1 MB of text, are left to finish rather than cancelled: when a worker has died (a Ctrl-C that came
+        # before it could ignore it), Python 3.11's pool sets an error on every pending future, a cancelled one
+        # makes that raise InvalidStateError in its manager thread, and shutdown() then waits forever: the hang
+        # seen on Ctrl-C (CPython gh-107219, fixed in 3.12; also gh-94440).
+        pending.clear()
+        pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -585,7 +595,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``prep-data``; a bad input or option prints one error line and returns 1."""
+    """Runs ``prep-data``; a bad input or option prints one error line and returns 1, Ctrl-C one line and 130."""
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepConfig)}
@@ -594,5 +604,10 @@ def run(args: argparse.Namespace) -> int:
     except PrepError as e:
         print(f'foundry-dbrx prep-data: error: {e}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # prep_data removed its staging folder on the way out; nothing was installed at --out.
+        print(f'\nfoundry-dbrx prep-data: interrupted before {args.out} was written; the partial output was removed',
+              file=sys.stderr)
+        return 130
     print('\n'.join(summary.lines()), flush=True)
     return 0
