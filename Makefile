@@ -38,26 +38,18 @@ $(DATA)/train/index.json: | $(STAMP)
 prep-data: $(DATA)/train/index.json
 
 # make train: trains yamls/dbrx-tiny.yaml in runs/$(RUN_NAME). A rerun continues that run from its latest checkpoint
-# (Ctrl-C saves one); FRESH=1 deletes the run first and starts over. Overrides: ARGS='max_duration=20ba ...', or
-# directly as make variables (make train max_duration=20ba): every command-line variable that is not one of the
-# Makefile's own below is handed to the training as key=value.
+# (Ctrl-C saves one); FRESH=1 deletes its checkpoints first and starts over. Overrides: ARGS='max_duration=20ba ...',
+# or as make variables (make train max_duration=20ba): every command-line variable that is not one of the
+# Makefile's own is handed to the training as key=value.
 RUN_NAME ?= dbrx-tiny
-RUN_DIR := runs/$(RUN_NAME)
 ARGS ?=
 FRESH ?=
-MAKEFILE_VARS := ARGS FRESH RUN_NAME RUN_DIR PYTEST_ARGS PYTHON PY_VERSION VENV PY UV STAMP DATA
+MAKEFILE_VARS := ARGS FRESH RUN_NAME PYTEST_ARGS PYTHON PY_VERSION VENV PY UV STAMP DATA
 TRAIN_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKEFILE_VARS),$(.VARIABLES)),\
 	$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))))
 
 train: $(STAMP) $(DATA)/train/index.json
-	@if [ -n "$(FRESH)" ] && [ -d "$(RUN_DIR)" ]; then \
-		echo "== make train: FRESH=1: deleting the previous run $(RUN_DIR) ($$(du -sh "$(RUN_DIR)" | cut -f1))"; \
-		rm -rf "$(RUN_DIR)"; fi
-	@if [ -e "$(RUN_DIR)/checkpoints/latest-rank0.pt" ]; then \
-		echo "== make train: continuing the run in $(RUN_DIR) from its latest checkpoint (make train FRESH=1 starts over)"; \
-	else echo "== make train: a new run in $(RUN_DIR)"; fi
-	@if [ -n "$(strip $(TRAIN_OVERRIDES) $(ARGS))" ]; then echo "== make train: overrides: $(strip $(TRAIN_OVERRIDES) $(ARGS))"; fi
-	$(PY) -m foundry_dbrx.train yamls/dbrx-tiny.yaml run_name=$(RUN_NAME) $(TRAIN_OVERRIDES) $(ARGS)
+	$(PY) -m foundry_dbrx.train $(if $(FRESH),--fresh) yamls/dbrx-tiny.yaml run_name=$(RUN_NAME) $(TRAIN_OVERRIDES) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -70,6 +70,8 @@ class RunSummary(Callback):
         self._eval_start = 0.0
         self._fit_started = self._fit_ended = self._closed = False
         self.forced = False  # a second signal stopped the run at once
+        self._saving = False  # between BATCH_CHECKPOINT and the next step: a checkpoint may be being written
+        self._force_after_save: Optional[int] = None
         self._previous_handlers: dict[int, Any] = {}
 
     # --- training events ------------------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ class RunSummary(Callback):
     def fit_end(self, state: State, logger: Logger) -> None:
         # The handlers stay until close: a Ctrl-C during the final evaluation is still this callback's to report.
         self._fit_ended = True
+        self._saved()
 
     def close(self, state: State, logger: Logger) -> None:
         # Composer closes the trainer after FIT_END's evaluation (trainer.close(), or at exit): the last metrics are
@@ -276,13 +279,45 @@ class RunSummary(Callback):
             return
         if signum != self.stop_signal:
             return  # the launcher's SIGTERM after the terminal's SIGINT: the same request
+        if self._saving:
+            # Composer writes a checkpoint straight to its final name: stopping now would leave a cut-short file
+            # where the next run looks for checkpoints. Stop as soon as it is written.
+            self._force_after_save = signum
+            _say(f'{PREFIX} {name} again: stopping as soon as the checkpoint being written is complete')
+            return
+        self._force_stop(signum, frame)
+
+    def _force_stop(self, signum: int, frame: Any = None) -> None:
         previous = self._previous_handlers.get(signum)
         self._restore_handlers()
         self.forced = True
-        _say(f'{PREFIX} {name} again: stopping at once')
+        _say(f'{PREFIX} {_NAMES[signum]} again: stopping at once')
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)  # Composer's (llmfoundry train): sys.exit(128 + signum), atexit still runs
         raise RunInterrupted
+
+    # Checkpoints are written between a *_CHECKPOINT event and the next step, epoch end or fit end.
+    # This callback's batch_checkpoint runs before the CheckpointSaver's: LLM Foundry sorts CheckpointSaver and its
+    # HF checkpointer after every other callback (llmfoundry/command_utils/train.py, _sort_key).
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._saving = True
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._saving = True
+
+    def iteration_checkpoint(self, state: State, logger: Logger) -> None:
+        self._saving = True
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._saved()
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        self._saved()
+
+    def _saved(self) -> None:
+        self._saving = False
+        if self._force_after_save is not None:
+            self._force_stop(self._force_after_save)
 
     def _ranks_agree_to_stop(self, state: State) -> bool:
         stop = self.stop_signal is not None

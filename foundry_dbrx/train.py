@@ -18,14 +18,17 @@ import argparse
 import copy
 import os
 import re
+import shutil
 import signal
 import sys
 import zipfile
 from typing import Any, Optional, Sequence
 
-__all__ = ['TrainInputError', 'load_config', 'preflight', 'checkpoint_to_load', 'main', 'DETERMINISTIC_ENV']
+__all__ = ['TrainInputError', 'load_config', 'preflight', 'checkpoint_to_load', 'start_over', 'main',
+           'DETERMINISTIC_ENV']
 
 DETERMINISTIC_ENV = 'FOUNDRY_DBRX_DETERMINISTIC'
+PREFIX = '[foundry-dbrx]'
 _TEXT_LOADERS = ('text', 'dbrx_text')  # loaders that read prep-data's MDS folders (local/remote/split)
 _INDEX = 'index.json'
 
@@ -38,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('yaml', help='training YAML (LLM Foundry format, model.name: dbrx)')
     parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
                         help='dotted overrides, e.g. max_duration=20ba model.n_layers=2 run_name=my-run')
+    parser.add_argument('--fresh', action='store_true',
+                        help='start over: delete the checkpoints autoresume would continue from (the save folder, '
+                             'when it holds only checkpoints); give it before the YAML or after the overrides')
 
 
 def load_config(yaml_path: str, overrides: Sequence[str] = ()):
@@ -69,9 +75,9 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
 
 
 # ---------------------------------------------------------------------------------------------------- pre-flight
-def preflight(cfg: Any, yaml_path: str = 'the YAML') -> Optional[str]:
-    """Checks made before anything is built; raises :class:`TrainInputError`. Returns the local checkpoint that
-    training will load (autoresume's latest, else ``load_path``), or None."""
+def preflight(cfg: Any, yaml_path: str = 'the YAML') -> tuple[Optional[str], bool]:
+    """Checks made before anything is built; raises :class:`TrainInputError`. Returns :func:`checkpoint_to_load`'s
+    answer: the local checkpoint training will load (or None) and whether autoresume chose it."""
     resolved = _resolved(cfg, yaml_path)
     # The cheap checks first (files on disk), before the imports of LLM Foundry and Composer (seconds).
     _check_datasets(resolved)
@@ -159,33 +165,84 @@ def _check_tokenizer(cfg: dict, vocab_size: Optional[int]) -> None:
         raise TrainInputError(str(e)) from None
 
 
-def checkpoint_to_load(cfg: dict) -> Optional[str]:
-    """The local checkpoint Composer will load, checked: with ``autoresume``, the ``latest`` link in the save
-    folder when there is one, else ``load_path``. A missing or truncated file is a :class:`TrainInputError`."""
-    rank = int(os.environ.get('RANK', '0'))
+def _autoresume_latest(cfg: dict) -> Optional[tuple[str, str]]:
+    """(the local save folder, its ``latest`` link for this rank) when ``autoresume`` is on, else None."""
     save_folder = cfg.get('save_folder')
     run_name = cfg.get('run_name') or os.environ.get('RUN_NAME')
-    if cfg.get('autoresume') and save_folder and run_name and '://' not in save_folder:
-        sharded = (cfg.get('fsdp_config') or {}).get('state_dict_type') == 'sharded'
-        latest_name = cfg.get('save_latest_filename') or ('latest-sharded-rank{rank}' if sharded else
-                                                         'latest-rank{rank}.pt')
-        latest = os.path.join(save_folder.replace('{run_name}', run_name),
-                              latest_name.replace('{rank}', str(rank)).replace('{run_name}', run_name))
+    if not (cfg.get('autoresume') and save_folder and run_name) or '://' in save_folder:
+        return None
+    sharded = (cfg.get('fsdp_config') or {}).get('state_dict_type') == 'sharded'
+    latest_name = cfg.get('save_latest_filename') or ('latest-sharded-rank{rank}' if sharded else
+                                                     'latest-rank{rank}.pt')
+    folder = save_folder.replace('{run_name}', run_name)
+    rank = os.environ.get('RANK', '0')
+    return folder, os.path.join(folder, latest_name.replace('{rank}', rank).replace('{run_name}', run_name))
+
+
+def checkpoint_to_load(cfg: dict) -> tuple[Optional[str], bool]:
+    """(the local checkpoint Composer will load, whether autoresume chose it), checked: with ``autoresume`` the
+    ``latest`` link in the save folder when there is one, else ``load_path``. A missing or truncated file is a
+    :class:`TrainInputError`."""
+    found = _autoresume_latest(cfg)
+    if found is not None:
+        folder, latest = found
+        _check_newer_checkpoints(folder, latest)
         if os.path.islink(latest) and not os.path.exists(latest):
             raise TrainInputError(f'autoresume: {latest} points to {os.readlink(latest)}, which does not exist; '
                                   'remove the link to resume from nothing, or point it at a checkpoint')
         if os.path.exists(latest):
             path = os.path.realpath(latest)
             _check_checkpoint_file(path, f'autoresume would load {path} (through {latest}), but it')
-            return path
+            return path, True
     load_path = cfg.get('load_path')
     if not load_path or '://' in str(load_path):
-        return None
-    load_path = str(load_path).replace('{rank}', str(rank))
+        return None, False
+    load_path = str(load_path).replace('{rank}', os.environ.get('RANK', '0'))
     if not os.path.exists(load_path):
         raise TrainInputError(f'load_path: {load_path} does not exist')
     _check_checkpoint_file(load_path, f'load_path: {load_path}')
-    return load_path
+    return load_path, False
+
+
+def _check_newer_checkpoints(folder: str, latest: str) -> None:
+    # A process killed while saving leaves its checkpoint cut short under its final name, newer than what `latest`
+    # points to; Composer would refuse the folder with a message about "conflicting files".
+    if not os.path.isdir(folder):
+        return
+    rank = os.environ.get('RANK', '0')
+    step = re.search(r'-ba(\d+)-', os.path.realpath(latest)) if os.path.exists(latest) else None
+    since = int(step.group(1)) if step else -1
+    for name in sorted(os.listdir(folder)):
+        m = re.fullmatch(rf'ep\d+-ba(\d+)-rank{rank}\.pt', name)
+        if m and int(m.group(1)) > since:
+            where = f'{latest}, step {since}' if since >= 0 else 'step 0'
+            _check_checkpoint_file(os.path.join(folder, name), f'{os.path.join(folder, name)} is newer than the '
+                                   f'checkpoint autoresume continues from ({where}) and')
+
+
+_CHECKPOINT_FILE = re.compile(r'(ep\d+-ba\d+-rank\d+\.pt|latest-rank\d+\.pt|\.node_\d+_local_rank0_completed\w*)')
+
+
+def start_over(cfg: dict) -> Optional[str]:
+    """``--fresh``: deletes the checkpoints that ``autoresume`` would continue from (the save folder, when it holds
+    nothing but Composer checkpoints); returns what was done, for the log."""
+    found = _autoresume_latest(cfg)
+    if found is None:
+        raise TrainInputError('--fresh deletes the checkpoints autoresume would continue from, but this config does '
+                              'not resume (it needs autoresume: true, run_name and a local save_folder)')
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise TrainInputError('--fresh works in a single process; with several, delete the save folder first')
+    folder = found[0]
+    if not os.path.isdir(folder):
+        return None
+    names = os.listdir(folder)
+    others = [n for n in names if not _CHECKPOINT_FILE.fullmatch(n)]
+    if others:
+        raise TrainInputError(f'--fresh: {folder} holds files that are not Composer checkpoints ({others[:5]}); '
+                              'it is left alone: move them or delete the folder yourself')
+    size = sum(os.path.getsize(os.path.join(folder, n)) for n in names if not os.path.islink(os.path.join(folder, n)))
+    shutil.rmtree(folder)
+    return f'--fresh: deleted the previous checkpoints of this run ({folder}, {len(names)} files, {size / 1e6:,.0f} MB)'
 
 
 def _already_complete(cfg: dict, checkpoint: Optional[str]) -> Optional[str]:
@@ -194,9 +251,9 @@ def _already_complete(cfg: dict, checkpoint: Optional[str]) -> Optional[str]:
     step = re.search(r'-ba(\d+)-', os.path.basename(checkpoint or ''))
     if not (re.fullmatch(r'\d+ba', duration) and step) or int(step.group(1)) < int(duration[:-2]):
         return None
-    return (f'nothing to train: {checkpoint} is at step {step.group(1)}, and max_duration is {duration}. Raise '
-            f'max_duration to train further, or start a new run (another run_name, or remove '
-            f'{os.path.dirname(checkpoint)}; make train FRESH=1 does that for the tiny run)')
+    return (f'nothing to train: this run is complete ({checkpoint} is at step {step.group(1)}, max_duration is '
+            f'{duration}). Raise max_duration to train further (make train ARGS=\'max_duration=200ba\'), or start '
+            'over with --fresh (make train FRESH=1) or another run_name')
 
 
 def _check_checkpoint_file(path: str, what: str) -> None:
@@ -250,7 +307,11 @@ def run(args: argparse.Namespace) -> int:
     ignore_ctrl_c = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # started in the background: keep it so
     try:
         cfg = load_config(args.yaml, args.overrides)
-        checkpoint = preflight(cfg, args.yaml)
+        if getattr(args, 'fresh', False):
+            done = start_over(_resolved(cfg, args.yaml))
+            if done:
+                print(f'{PREFIX} {done}', flush=True)
+        checkpoint, resuming = preflight(cfg, args.yaml)
         complete = _already_complete(_resolved(cfg), checkpoint)
         from foundry_dbrx.registry import register_all
         register_all()
@@ -268,8 +329,16 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if complete:
         if _is_rank_zero():
-            print(f'[foundry-dbrx] {complete}', flush=True)
+            print(f'{PREFIX} {complete}', flush=True)
         return 0
+    if _is_rank_zero():
+        if resuming:
+            print(f'{PREFIX} autoresume: continuing this run from {checkpoint} (--fresh, or make train FRESH=1 for '
+                  'the tiny run, starts over)', flush=True)
+        elif _autoresume_latest(_resolved(cfg)) is not None:
+            folder = _autoresume_latest(_resolved(cfg))[0]
+            print(f'{PREFIX} a new run; its checkpoints go to {folder}, and running the same command again '
+                  'continues it from the latest one', flush=True)
     if os.environ.get(DETERMINISTIC_ENV, '') not in ('', '0'):
         # Before any CUDA work: cuBLAS reads its workspace setting when its handle is created.
         from composer.utils.reproducibility import configure_deterministic_mode
