@@ -5,7 +5,6 @@
 """
 
 from foundry_dbrx.config import DbrxAttentionConfig, DbrxConfig, DbrxFFNConfig
-from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
 
 __version__ = '0.1.0'
 
@@ -14,7 +13,11 @@ __all__ = ['ComposerDbrxCausalLM', 'DbrxAttentionConfig', 'DbrxConfig', 'DbrxFFN
 
 
 def __getattr__(name: str):
-    # Composer is heavy to import; load the Composer model only when it is asked for.
+    # torch and Composer take seconds to import; the model modules load when first asked for, so that
+    # `foundry-dbrx --help` is quick and the command line owns Ctrl-C before any of them starts loading.
+    if name in ('DbrxForCausalLM', 'DbrxOutput'):
+        from foundry_dbrx import model
+        return getattr(model, name)
     if name == 'ComposerDbrxCausalLM':
         from foundry_dbrx.composer_model import ComposerDbrxCausalLM
         return ComposerDbrxCausalLM

@@ -7,9 +7,13 @@ subcommand runs, so ``foundry-dbrx --help`` stays fast. Ctrl-C ends any of them 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 # name -> (module, one-line help, examples, what Ctrl-C leaves behind when the module itself does not say)
 SUBCOMMANDS = {
@@ -44,6 +48,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f'{text} (default: %(default)s)'
 
 
+@contextlib.contextmanager
+def ctrl_c_exits(message: str) -> Iterator[None]:
+    """For a block that only imports (torch, Streaming, LLM Foundry: seconds): Ctrl-C prints ``message`` and ends
+    the process at once, with status 130. A KeyboardInterrupt raised inside a C extension's initialisation leaves it
+    half-loaded (the next import of it then fails with an unrelated error and a traceback), and some libraries
+    swallow it; nothing has been written yet, so there is nothing to clean up. The handler in place before the
+    block is back after it, also when an import (Composer's) replaced it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        sys.stdout.flush()
+        if message:
+            os.write(sys.stderr.fileno(), f'\n{message}\n'.encode())
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='foundry-dbrx', description='Train DBRX-class MoE models.',
                                      formatter_class=HelpFormatter)
@@ -63,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = argv[0]
     module_name, help_text, examples, interrupted = SUBCOMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        with ctrl_c_exits(f'foundry-dbrx {name}: interrupted while starting; nothing was written'):
+            module = importlib.import_module(module_name)
         sub = argparse.ArgumentParser(prog=f'foundry-dbrx {name}', description=help_text, epilog=examples,
                                       formatter_class=HelpFormatter)
         module.add_arguments(sub)

@@ -78,14 +78,22 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
 def preflight(cfg: Any, yaml_path: str = 'the YAML') -> tuple[Optional[str], bool]:
     """Checks made before anything is built; raises :class:`TrainInputError`. Returns :func:`checkpoint_to_load`'s
     answer: the local checkpoint training will load (or None) and whether autoresume chose it."""
-    resolved = _resolved(cfg, yaml_path)
-    # The cheap checks first (files on disk), before the imports of LLM Foundry and Composer (seconds).
-    _check_datasets(resolved)
-    checkpoint = checkpoint_to_load(resolved)
-    _check_schema(cfg, yaml_path)
-    vocab_size = _check_model(resolved)
-    _check_tokenizer(resolved, vocab_size)
+    checkpoint = _check_files(cfg, yaml_path)
+    _check_config(cfg, yaml_path)
     return checkpoint
+
+
+def _check_files(cfg: Any, yaml_path: str) -> tuple[Optional[str], bool]:
+    # Files on disk only: these come before the imports of LLM Foundry and Composer (seconds).
+    resolved = _resolved(cfg, yaml_path)
+    _check_datasets(resolved)
+    return checkpoint_to_load(resolved)
+
+
+def _check_config(cfg: Any, yaml_path: str) -> None:
+    _check_schema(cfg, yaml_path)
+    resolved = _resolved(cfg, yaml_path)
+    _check_tokenizer(resolved, _check_model(resolved))
 
 
 def _resolved(cfg: Any, yaml_path: str = 'the YAML') -> dict:
@@ -304,28 +312,32 @@ def _summary_callback(trainer: Any):
 
 def run(args: argparse.Namespace) -> int:
     """Checks, trains, closes; returns the exit status (see the module docstring)."""
-    ignore_ctrl_c = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # started in the background: keep it so
+    from foundry_dbrx.cli import ctrl_c_exits
+
+    interrupted = 'interrupted before training started: nothing was trained or written'
     try:
         cfg = load_config(args.yaml, args.overrides)
         if getattr(args, 'fresh', False):
             done = start_over(_resolved(cfg, args.yaml))
             if done:
                 print(f'{PREFIX} {done}', flush=True)
-        checkpoint, resuming = preflight(cfg, args.yaml)
-        complete = _already_complete(_resolved(cfg), checkpoint)
-        from foundry_dbrx.registry import register_all
+        checkpoint, resuming = _check_files(cfg, args.yaml)
+        with ctrl_c_exits(f'foundry-dbrx train: error: {interrupted}' if _is_rank_zero() else ''):
+            # LLM Foundry, Composer and torch: seconds of imports. Composer's replaces Python's Ctrl-C handler with
+            # a silent sys.exit(130); the block's end puts Python's back (KeyboardInterrupt, reported below) until
+            # training starts and the run-summary callback takes Ctrl-C over.
+            import llmfoundry.command_utils  # noqa: F401
+
+            from foundry_dbrx.composer_model import ComposerDbrxCausalLM  # noqa: F401
+            from foundry_dbrx.registry import register_all
         register_all()
-        # Importing Composer made Ctrl-C sys.exit(130), silently; until training starts (when the run-summary
-        # callback takes Ctrl-C over) it is Python's KeyboardInterrupt again, so that it can be reported below.
-        signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_ctrl_c else signal.default_int_handler)
+        _check_config(cfg, args.yaml)
+        complete = _already_complete(_resolved(cfg), checkpoint)
     except TrainInputError as e:
         _error(str(e))
         return 2
-    except (KeyboardInterrupt, SystemExit) as e:
-        # SystemExit(130): Composer's Ctrl-C handler, installed when a check imported it
-        if isinstance(e, SystemExit) and e.code != 128 + signal.SIGINT:
-            raise
-        _error('interrupted before training started: nothing was trained or written')
+    except KeyboardInterrupt:
+        _error(interrupted)
         return 130
     if complete:
         if _is_rank_zero():
@@ -351,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted:
         return 130  # a second Ctrl-C; the run's closing lines (at exit) say what was saved
     except KeyboardInterrupt:
-        _error('interrupted before training started: nothing was trained or written')
+        _error(interrupted)
         return 130
     except Exception as e:
         if checkpoint is not None and _raised_while_loading(e):

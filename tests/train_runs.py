@@ -86,6 +86,11 @@ class TrainRun:
         self._reader.join(10)
         return rc
 
+    def interrupt(self, sig: int = signal.SIGINT) -> float:
+        """Ctrl-C as a terminal sends it: SIGINT to the run's whole process group. Returns when it was sent."""
+        os.killpg(self.proc.pid, sig)
+        return time.time()
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)

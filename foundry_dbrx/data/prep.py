@@ -327,8 +327,11 @@ _worker_encoding = None
 
 def _init_worker() -> None:
     # Ctrl-C reaches the whole process group; the parent handles it (and stops the pool). A worker killed by it
-    # instead breaks the pool under the parent's feet (see _encoded).
+    # instead breaks the pool under the parent's feet (see _encoded). The worker was born with SIGINT blocked
+    # (_submit): from now on it is ignored, and one that came in between is dropped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, 'pthread_sigmask'):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     global _worker_encoding
     _worker_encoding = load_cl100k_encoding()
 
@@ -355,6 +358,20 @@ def _batches(docs: Iterator[Document], counts: PrepSummary) -> Iterator[list[str
         yield batch
 
 
+def _submit(pool: ProcessPoolExecutor, batch: list[str]) -> Future:
+    # submit() may start worker processes. Until a worker's initializer runs (after fork hooks, or a fresh
+    # interpreter's start-up) Ctrl-C would kill it with a traceback, and one that reaches this process inside a fork
+    # hook is dropped by Python (hook errors are only reported). SIGINT is blocked meanwhile: the workers inherit
+    # the block, and here it arrives, late by the length of one fork, once unblocked.
+    if not hasattr(signal, 'pthread_sigmask'):
+        return pool.submit(_encode_batch, batch)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(_encode_batch, batch)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _encoded(batches: Iterator[list[str]], workers: int) -> Iterator[list[np.ndarray]]:
     """Token arrays batch by batch, in input order; with ``workers > 1`` up to ``2 * workers`` batches in flight."""
     if workers == 1:
@@ -366,7 +383,7 @@ def _encoded(batches: Iterator[list[str]], workers: int) -> Iterator[list[np.nda
     pending: collections.deque[Future] = collections.deque()
     try:
         for batch in batches:
-            pending.append(pool.submit(_encode_batch, batch))
+            pending.append(_submit(pool, batch))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -597,7 +614,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs ``prep-data``; a bad input or option prints one error line and returns 1, Ctrl-C one line and 130."""
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    from foundry_dbrx.cli import ctrl_c_exits
     try:
+        with ctrl_c_exits('foundry-dbrx prep-data: interrupted while starting; nothing was written'):
+            import streaming  # noqa: F401  (seconds: it imports torch, transformers and more)
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepConfig)}
         values['inputs'] = tuple(values['inputs'])
         summary = prep_data(PrepConfig(**values))
