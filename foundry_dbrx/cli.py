@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import signal
@@ -71,6 +72,15 @@ def ctrl_c_exits(message: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def freeze_imports() -> None:
+    """Moves what exists now (after the heavy imports: torch, Streaming, LLM Foundry, some 700k objects) out of the
+    garbage collector's way: they live until exit anyway, and every later collection, the one at exit included,
+    skipped them. Exiting a training process took about 5 s of CPU, 0.7 s frozen (measured on a busy 2-core machine):
+    that matters when Ctrl-C came through Composer's launcher, which kills ranks still running after 30 s."""
+    gc.collect()  # nothing that is already garbage gets frozen
+    gc.freeze()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,9 +48,9 @@ class RunSummary(Callback):
     A first SIGINT or SIGTERM during training lets the step in progress finish; every rank then stops at the same
     step (they agree through a one-element all-reduce per step), the end-of-training evaluation is skipped, and
     Composer writes its end-of-training checkpoint when ``save_folder`` is set: a rerun with ``autoresume``
-    continues from there with the losses an uninterrupted run would have had. The same signal again stops at once,
-    as Composer's own handler does. A SIGTERM after a SIGINT (Composer's launcher forwards Ctrl-C that way) does
-    not count as a second one.
+    continues from there with the losses an uninterrupted run would have had. The same signal again stops at once
+    (once a checkpoint being written is complete), as Composer's own handler does. A SIGTERM after a SIGINT
+    (Composer's launcher forwards Ctrl-C that way) does not count as a second one.
 
     Args:
         json_path: also write the summary and every step's loss as JSON here (rank 0, runs that end by reaching
@@ -70,7 +70,7 @@ class RunSummary(Callback):
         self._eval_start = 0.0
         self._fit_started = self._fit_ended = self._closed = False
         self.forced = False  # a second signal stopped the run at once
-        self._saving = False  # between BATCH_CHECKPOINT and the next step: a checkpoint may be being written
+        self._saving = False  # between a *_CHECKPOINT event and the next step: a checkpoint may be being written
         self._force_after_save: Optional[int] = None
         self._previous_handlers: dict[int, Any] = {}
 

@@ -312,7 +312,7 @@ def _summary_callback(trainer: Any):
 
 def run(args: argparse.Namespace) -> int:
     """Checks, trains, closes; returns the exit status (see the module docstring)."""
-    from foundry_dbrx.cli import ctrl_c_exits
+    from foundry_dbrx.cli import ctrl_c_exits, freeze_imports
 
     interrupted = 'interrupted before training started: nothing was trained or written'
     try:
@@ -330,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
 
             from foundry_dbrx.composer_model import ComposerDbrxCausalLM  # noqa: F401
             from foundry_dbrx.registry import register_all
+        freeze_imports()
         register_all()
         _check_config(cfg, args.yaml)
         complete = _already_complete(_resolved(cfg), checkpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def subprocess_env(**extra: str) -> dict:
     env['CUDA_VISIBLE_DEVICES'] = ''
     env.update(extra)
     return env
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for children that a test sends Ctrl-C: SIGINT handled as usual even where this test process
+    was started with it ignored (a background job of a shell without job control ignores SIGINT, and its children
+    inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import sysconfig
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VENV_BIN, subprocess_env
+from tests.conftest import VENV_BIN, default_sigint, subprocess_env
 from tests.train_runs import MICRO_YAML, TrainRun
 
 STEPS = 14
@@ -79,7 +78,7 @@ def test_prep_data_ctrl_c_ends_at_once_and_leaves_nothing(big_jsonl, tmp_path, m
     out_dir = tmp_path / 'out'
     proc = subprocess.Popen([str(VENV_BIN / 'foundry-dbrx'), 'prep-data', str(big_jsonl), '--out', str(out_dir),
                              '--workers', '2'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=subprocess_env(), start_new_session=True)
+                            env=subprocess_env(), start_new_session=True, preexec_fn=default_sigint)
     out = _Output(proc)
     if moment == 'starting up':
         time.sleep(1.0)  # importing (Streaming alone takes seconds)
@@ -206,10 +205,14 @@ def test_two_process_training_ctrl_c_stops_every_rank_at_the_same_step(corpus, t
            '--stderr', str(tmp_path / 'rank{rank}.err'), '-m',
            'foundry_dbrx.train', str(MICRO_YAML), *_overrides(corpus, [f'save_folder={ckpt}', 'max_duration=200ba'])]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_sigint)
     out = _Output(proc)
 
-    def log(rank: int) -> str:  # Composer's console logger writes to stderr, our closing lines to stdout
+    def log(rank: int) -> str:
+        # The launcher passes rank 0's output through; the others' go to files (the console logger writes to
+        # stderr, the closing lines to stdout).
+        if rank == 0:
+            return out.text
         return ''.join(p.read_text() for p in (tmp_path / f'rank{rank}.out', tmp_path / f'rank{rank}.err')
                        if p.exists())
 
@@ -226,6 +229,7 @@ def test_two_process_training_ctrl_c_stops_every_rank_at_the_same_step(corpus, t
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     logs = [log(0), log(1)]
+    assert 'Ctrl-C (SIGINT): finishing this step' in logs[1]  # rank 1 was asked too
     print(f'two processes, Ctrl-C: exited {took:.1f} s later')
     assert took < EXIT_WITHIN, logs[0][-3000:]
     assert rc != 0  # the launcher reports the ranks' 130

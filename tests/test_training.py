@@ -57,11 +57,15 @@ def test_loss_falls_then_resume_continues_identically(corpus, tmp_path):
     end = sum(losses[s] for s in range(STEPS - 2, STEPS + 1)) / 3
     assert start > 10.5  # about ln(100352): an untrained model
     assert end < start - 2.0, (start, end)  # the unigram statistics alone are worth more than that
+    # The closing summary: this process's tokens and speed, and the evaluation at the end (eval_interval > 30ba).
+    assert first['tokens'] == STEPS * 4 * 64 and first['tokens_per_second'] > 0
+    assert first['ended'] == 'max_duration' and first['eval_step'] == STEPS and 0 < first['eval_loss'] < start
 
     ckpt = tmp_path / 'a' / 'checkpoints' / f'ep0-ba{SAVE_AT}-rank0.pt'
     assert ckpt.is_file(), sorted(p.name for p in (tmp_path / 'a' / 'checkpoints').iterdir())
     resumed = _train(corpus, tmp_path / 'b', f'load_path={ckpt}')
     resumed_losses = dict(resumed['losses'])
     assert sorted(resumed_losses) == list(range(SAVE_AT + 1, STEPS + 1))
+    assert resumed['start_step'] == SAVE_AT and resumed['steps'] == STEPS - SAVE_AT  # this process's own
     for step in range(SAVE_AT + 1, STEPS + 1):
         assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, default_sigint, subprocess_env
 from tests.s3_server import LoopbackS3
 
 MICRO_YAML = ROOT / 'tests' / 'yamls' / 'dbrx-micro.yaml'
@@ -49,7 +49,8 @@ class TrainRun:
         self.lines, self.steps = [], []
         # Own process group: the SIGKILL reaches the run and anything it started, and nothing else.
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     preexec_fn=default_sigint)
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
 

@@ -614,10 +614,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs ``prep-data``; a bad input or option prints one error line and returns 1, Ctrl-C one line and 130."""
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-    from foundry_dbrx.cli import ctrl_c_exits
+    from foundry_dbrx.cli import ctrl_c_exits, freeze_imports
     try:
         with ctrl_c_exits('foundry-dbrx prep-data: interrupted while starting; nothing was written'):
             import streaming  # noqa: F401  (seconds: it imports torch, transformers and more)
+        freeze_imports()
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepConfig)}
         values['inputs'] = tuple(values['inputs'])
         summary = prep_data(PrepConfig(**values))
