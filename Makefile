@@ -49,7 +49,7 @@ TRAIN_OVERRIDES := $(strip $(foreach v,$(filter-out $(MAKEFILE_VARS),$(.VARIABLE
 	$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))))
 
 train: $(STAMP) $(DATA)/train/index.json
-	$(PY) -m foundry_dbrx.train $(if $(FRESH),--fresh) yamls/dbrx-tiny.yaml run_name=$(RUN_NAME) $(TRAIN_OVERRIDES) $(ARGS)
+	$(PY) -m foundry_dbrx.train $(strip $(if $(FRESH),--fresh) yamls/dbrx-tiny.yaml run_name=$(RUN_NAME) $(TRAIN_OVERRIDES) $(ARGS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

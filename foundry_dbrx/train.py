@@ -275,13 +275,14 @@ def _check_checkpoint_file(path: str, what: str) -> None:
     # has none. Reading the directory costs nothing at any checkpoint size.
     try:
         with zipfile.ZipFile(path) as zf:
-            complete = any(n.endswith('/data.pkl') for n in zf.namelist())
+            names = zf.namelist()
+        complete = any(n.endswith('/data.pkl') for n in names) and any(n.endswith('/version') for n in names)
     except (zipfile.BadZipFile, OSError) as e:
         raise TrainInputError(f'{what} is not a complete checkpoint ({_one_line(e)}; {os.path.getsize(path):,} '
                               'bytes): cut short while being written? Load an earlier checkpoint, or remove '
                               'it') from None
     if not complete:
-        raise TrainInputError(f'{what} is a zip file but not a torch.save checkpoint (no data.pkl)')
+        raise TrainInputError(f'{what} is a zip file but not a torch.save checkpoint (no data.pkl and version)')
 
 
 def _raised_while_loading(error: BaseException) -> bool:
