@@ -173,16 +173,25 @@ def _check_tokenizer(cfg: dict, vocab_size: Optional[int]) -> None:
         raise TrainInputError(str(e)) from None
 
 
+def _save_folder(cfg: dict) -> Optional[str]:
+    """The local save folder with ``{run_name}`` filled in; None when there is none, it is remote, or the run name
+    is Composer's to choose."""
+    folder = cfg.get('save_folder')
+    run_name = cfg.get('run_name') or os.environ.get('RUN_NAME')
+    if not folder or '://' in folder or ('{run_name}' in folder and not run_name):
+        return None
+    return folder.replace('{run_name}', run_name or '')
+
+
 def _autoresume_latest(cfg: dict) -> Optional[tuple[str, str]]:
     """(the local save folder, its ``latest`` link for this rank) when ``autoresume`` is on, else None."""
-    save_folder = cfg.get('save_folder')
+    folder = _save_folder(cfg)
     run_name = cfg.get('run_name') or os.environ.get('RUN_NAME')
-    if not (cfg.get('autoresume') and save_folder and run_name) or '://' in save_folder:
+    if not (cfg.get('autoresume') and folder and run_name):
         return None
     sharded = (cfg.get('fsdp_config') or {}).get('state_dict_type') == 'sharded'
     latest_name = cfg.get('save_latest_filename') or ('latest-sharded-rank{rank}' if sharded else
                                                      'latest-rank{rank}.pt')
-    folder = save_folder.replace('{run_name}', run_name)
     rank = os.environ.get('RANK', '0')
     return folder, os.path.join(folder, latest_name.replace('{rank}', rank).replace('{run_name}', run_name))
 
@@ -285,6 +294,24 @@ def _check_checkpoint_file(path: str, what: str) -> None:
         raise TrainInputError(f'{what} is a zip file but not a torch.save checkpoint (no data.pkl and version)')
 
 
+def _missing_folders(folder: Optional[str]) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first (a local, resolved path only)."""
+    if not folder or '{' in folder:
+        return []
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders: Sequence[str]) -> None:
+    for folder in folders:  # deepest first; a folder something was written into stays
+        if _is_rank_zero() and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
 def _raised_while_loading(error: BaseException) -> bool:
     tb = error.__traceback__
     while tb is not None:
@@ -360,11 +387,13 @@ def run(args: argparse.Namespace) -> int:
     from llmfoundry.command_utils import train
 
     from foundry_dbrx.summary import RunInterrupted
+    new_folders = _missing_folders(_save_folder(_resolved(cfg)))
     try:
         trainer = train(cfg)
     except RunInterrupted:
         return 130  # a second Ctrl-C; the run's closing lines (at exit) say what was saved
     except KeyboardInterrupt:
+        _remove_empty(new_folders)  # Composer makes the save folder when it builds the trainer
         _error(interrupted)
         return 130
     except Exception as e:
