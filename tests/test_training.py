@@ -38,6 +38,7 @@ def _train(corpus, run_dir, *extra):
         'model.ffn_config.ffn_hidden_size=64', f'max_duration={STEPS}ba', 'global_train_batch_size=4',
         'device_train_microbatch_size=4', 'eval_subset_num_batches=1', 'console_log_interval=100ba',
         'scheduler.t_warmup=5ba', 'optimizer.lr=1.0e-2', f'save_folder={run_dir}/checkpoints', f'save_interval={SAVE_AT}ba',
+        'save_num_checkpoints_to_keep=-1',  # the mid-run checkpoint is resumed from below
         f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json', *extra,
     ]
     trainer = train(load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'), overrides))
