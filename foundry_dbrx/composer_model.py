@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
-from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.config import DbrxConfig, DbrxTrainingConfig
 from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
 from foundry_dbrx.moe.losses import load_balancing_loss
 from foundry_dbrx.parallelize import attach_composer_hooks
@@ -54,11 +54,15 @@ class ComposerDbrxCausalLM(ComposerModel):
         use_train_metrics: compute cross entropy and perplexity metrics on training batches.
         pretrained_hf_dir: a local HF DBRX folder to start from: its config.json fills in every field the YAML
             leaves out (architecture fields the YAML does give must agree) and its weights are loaded.
-        **model_config: a DBRX config (``DbrxConfig`` field names: d_model, n_heads, ..., attn_config, ffn_config).
+        training: the training choices (``DbrxTrainingConfig`` field names: moe_backend, moe_lb_loss_type,
+            expert_parallel_degree, activation_checkpointing, ...); not part of the HF config.
+        **model_config: the architecture, a DBRX config (HF ``config.json`` names: d_model, n_heads, ...,
+            attn_config, ffn_config), every size given.
     """
 
     def __init__(self, tokenizer: Any = None, init_device: str = 'cpu', use_train_metrics: bool = True,
-                 pretrained_hf_dir: Optional[str] = None, **model_config: Any):
+                 pretrained_hf_dir: Optional[str] = None, training: Optional[Mapping[str, Any]] = None,
+                 **model_config: Any):
         super().__init__()
         _follow_llmfoundry_log_level()
         if pretrained_hf_dir is None:
@@ -66,21 +70,24 @@ class ComposerDbrxCausalLM(ComposerModel):
         else:
             from foundry_dbrx.hf import config_with_hf
             self.config = config_with_hf(pretrained_hf_dir, model_config)
+        self.training_config = DbrxTrainingConfig.from_dict(training)
+        self.training_config.check_model(self.config)
         if init_device not in ('cpu', 'cuda', 'meta', 'mixed'):
             raise ValueError(f"init_device ({init_device!r}) must be one of ['cpu', 'cuda', 'meta', 'mixed']")
         device = 'meta' if init_device == 'mixed' else init_device
-        self.model = attach_composer_hooks(DbrxForCausalLM(self.config, device=device))
+        self.model = attach_composer_hooks(DbrxForCausalLM(self.config, self.training_config, device=device),
+                                           self.training_config)
         if pretrained_hf_dir is not None:
             from foundry_dbrx.hf import load_pretrained_hf
             load_pretrained_hf(self.model, pretrained_hf_dir)  # now, or module by module as FSDP materialises meta
         self.tokenizer = tokenizer
         counts = self.config.num_params()
         self.n_active_params = counts['active']
-        ffn = self.config.ffn_config
+        ffn, lb_type = self.config.ffn_config, self.training_config.moe_lb_loss_type
         log.info('DBRX: %s parameters in all, %s active per token (%d of %d experts); '
                  'load-balancing loss %r x %g', _fmt_params(counts['total']), _fmt_params(counts['active']),
-                 ffn.moe_top_k, ffn.moe_num_experts, ffn.moe_lb_loss_type, ffn.moe_loss_weight)
-        self.lb_loss_key = f'lb_loss_{ffn.moe_lb_loss_type}'
+                 ffn.moe_top_k, ffn.moe_num_experts, lb_type, ffn.moe_loss_weight)
+        self.lb_loss_key = f'lb_loss_{lb_type}'
         self.train_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())} \
             if use_train_metrics else {}
         self.eval_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())}
@@ -118,13 +125,23 @@ class ComposerDbrxCausalLM(ComposerModel):
                                  reduction='sum')
         ce = ce_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
         ffn = self.config.ffn_config
-        lbl = load_balancing_loss(outputs.routings, ffn.moe_num_experts, ffn.moe_lb_loss_type)
+        lbl = load_balancing_loss(outputs.routings, ffn.moe_num_experts, self.training_config.moe_lb_loss_type,
+                                  group=self._lb_loss_group())
         if self.training and torch.is_grad_enabled() and ffn.moe_loss_weight > 0 and not lbl.requires_grad:
             raise RuntimeError(
                 'the load-balancing loss has no gradient: the router statistics were computed without autograd. '
                 'With activation checkpointing set fsdp_config.activation_checkpointing_reentrant: false '
                 '(reentrant checkpointing drops every block output but the hidden states from the graph)')
         return {'total': ce + ffn.moe_loss_weight * lbl, 'ce': ce, self.lb_loss_key: lbl}
+
+    def _lb_loss_group(self):
+        """The data-parallel ranks whose routing statistics the load-balancing loss sums (``moe_lb_loss_scope``
+        global: all of them, so the loss is that of the global batch), or None for this rank's alone."""
+        import torch.distributed as dist
+        if (self.training_config.moe_lb_loss_scope == 'global' and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return dist.group.WORLD
+        return None
 
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[DbrxOutput] = None) -> DbrxOutput:
         return outputs if outputs is not None else self.forward(batch)

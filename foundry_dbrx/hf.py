@@ -234,7 +234,7 @@ def config_with_hf(hf_dir: PathLike, overrides: Optional[Mapping[str, Any]] = No
 
 
 # Keys of a YAML `model:` section that are ComposerDbrxCausalLM arguments, not DbrxConfig fields.
-_COMPOSER_MODEL_KEYS = ('name', 'init_device', 'use_train_metrics', 'pretrained_hf_dir', 'tokenizer')
+_COMPOSER_MODEL_KEYS = ('name', 'init_device', 'use_train_metrics', 'pretrained_hf_dir', 'tokenizer', 'training')
 
 
 def read_config_source(path: PathLike) -> DbrxConfig:
@@ -778,12 +778,17 @@ def hf_param_init_fn(model: nn.Module, hf_dir: PathLike) -> Callable[[nn.Module]
 
     @torch.no_grad()
     def init(module: nn.Module) -> None:
+        from foundry_dbrx.model import assign_full
         prefix = owner[id(module)]
         params = {(f'{prefix}.{n}' if prefix else n): p for n, p in module.named_parameters(recurse=False)}
         for key, tensor in source.iter_tensors(list(params)):
-            params[key].copy_(tensor)
+            assign_full(params[key], tensor.to(_local_device(params[key])))
 
     return init
+
+
+def _local_device(param: torch.Tensor) -> torch.device:
+    return param.to_local().device if hasattr(param, 'to_local') else param.device
 
 
 def load_pretrained_hf(model: nn.Module, hf_dir: PathLike) -> None:

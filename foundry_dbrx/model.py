@@ -9,17 +9,18 @@ Legend: B batch, S sequence, D d_model, H query heads, G kv heads, Hd head dim, 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.config import DbrxConfig, DbrxTrainingConfig
 from foundry_dbrx.moe.layer import DbrxFFN
 from foundry_dbrx.moe.router import Routing
 
-__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'rotary_cos_sin']
+__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'rotary_cos_sin', 'assign_full']
 
 
 class DbrxOutput(NamedTuple):
@@ -100,10 +101,10 @@ class DbrxNormAttentionNorm(nn.Module):
 
 
 class DbrxBlock(nn.Module):
-    def __init__(self, cfg: DbrxConfig, device=None):
+    def __init__(self, cfg: DbrxConfig, moe_backend: str = 'auto', device=None):
         super().__init__()
         self.norm_attn_norm = DbrxNormAttentionNorm(cfg, device=device)
-        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, device=device)
+        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, backend=moe_backend, device=device)
         self.resid_pdrop = cfg.resid_pdrop
 
     def forward(self, x_BSD, cos_SHd, sin_SHd) -> tuple[torch.Tensor, Routing]:
@@ -115,11 +116,11 @@ class DbrxBlock(nn.Module):
 class DbrxModel(nn.Module):
     """The transformer trunk (HF's ``transformer.``): ``wte``, ``blocks``, ``norm_f``."""
 
-    def __init__(self, cfg: DbrxConfig, device=None):
+    def __init__(self, cfg: DbrxConfig, moe_backend: str = 'auto', device=None):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
-        self.blocks = nn.ModuleList([DbrxBlock(cfg, device=device) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([DbrxBlock(cfg, moe_backend, device=device) for _ in range(cfg.n_layers)])
         self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False, device=device)
         self.emb_pdrop = cfg.emb_pdrop
 
@@ -138,13 +139,23 @@ class DbrxModel(nn.Module):
 
 
 class DbrxForCausalLM(nn.Module):
-    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing."""
+    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing.
 
-    def __init__(self, cfg: DbrxConfig, device=None):
+    ``training`` supplies the expert backend (the rest of it, such as expert parallelism, is applied from outside by
+    :mod:`foundry_dbrx.parallelize`).
+    """
+
+    def __init__(self, cfg: DbrxConfig, training: Optional[DbrxTrainingConfig] = None, device=None):
         super().__init__()
         self.config = cfg
-        self.transformer = DbrxModel(cfg, device=device)
+        self.training_config = training or DbrxTrainingConfig()
+        self.transformer = DbrxModel(cfg, self.training_config.moe_backend, device=device)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
+        # Every parameter's initial value depends only on this seed (the run's, as Composer seeds torch before it
+        # builds the model) and the parameter's name: see init_module. Module names are kept by identity, as
+        # wrappers (FSDP, activation checkpointing) add infixes to the names but keep the modules.
+        self.init_seed = torch.initial_seed()
+        self._module_names = {id(m): name for name, m in self.named_modules()}
         if torch.device(device or 'cpu').type != 'meta':
             self.reset_parameters()
 
@@ -162,12 +173,38 @@ class DbrxForCausalLM(nn.Module):
     @torch.no_grad()
     def init_module(self, module: nn.Module) -> None:
         """Initialises the parameters owned directly by ``module`` (FSDP's ``param_init_fn`` calls this module by
-        module when the model was built on the meta device)."""
+        module when the model was built on the meta device).
+
+        Each parameter's full value is drawn from a generator seeded by ``init_seed`` and the parameter's name, on
+        the parameter's device, and a sharded parameter (a DTensor) keeps its shard of it: the model is the same
+        whatever the order of initialisation, the world size, the FSDP version or the expert-parallel degree.
+        """
         std = self.config.initializer_range
+        prefix = self._module_names[id(module)]
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(param)
-            elif name in getattr(module, 'residual_out_params', ()):
-                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+                full = torch.ones(param.shape, dtype=param.dtype, device=_local(param).device)
             else:
-                nn.init.normal_(param, std=std)
+                scale = (std / math.sqrt(2 * self.config.n_layers)
+                         if name in getattr(module, 'residual_out_params', ()) else std)
+                fqn = f'{prefix}.{name}' if prefix else name
+                device = _local(param).device
+                gen = torch.Generator(device=device).manual_seed(
+                    (self.init_seed * 1_000_003 + zlib.crc32(fqn.encode())) % 2**63)
+                full = torch.empty(param.shape, dtype=param.dtype, device=device).normal_(0.0, scale, generator=gen)
+            assign_full(param, full)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, 'to_local') else t
+
+
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """``param.copy_(full)`` for a plain tensor; for a DTensor, copies this rank's shard of ``full`` (the whole
+    value, the same on every rank) into the local shard, with no communication."""
+    if hasattr(param, 'device_mesh'):
+        from torch.distributed.tensor import distribute_tensor
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)

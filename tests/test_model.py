@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from foundry_dbrx import DbrxConfig, DbrxForCausalLM
 from foundry_dbrx.config import DbrxFFNConfig
 from foundry_dbrx.moe import DbrxFFN, eager_experts, load_balancing_loss
+from foundry_dbrx.moe.layer import routed_experts
 from foundry_dbrx.moe.router import Routing
 from tests.conftest import tiny_config
 
@@ -71,7 +72,7 @@ def test_eager_experts_match_per_token_reference(routing):
         experts = torch.full((t, 1), 3)
         k = 1
     weights = torch.rand(t, k, dtype=torch.float64, requires_grad=True)
-    got = eager_experts(x, weights, experts, *ws)
+    got = routed_experts(eager_experts, x, weights, experts, *ws)
     want = _per_token_reference(x, weights, experts, *ws)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     grad_out = torch.randn_like(got)
@@ -85,8 +86,7 @@ def test_eager_experts_match_per_token_reference(routing):
 
 
 def test_router_topk_and_renormalisation():
-    cfg = DbrxFFNConfig(ffn_hidden_size=8, moe_num_experts=5, moe_top_k=2, moe_normalize_expert_weights=2.0,
-                        moe_backend='eager')
+    cfg = DbrxFFNConfig(ffn_hidden_size=8, moe_num_experts=5, moe_top_k=2, moe_normalize_expert_weights=2.0)
     ffn = DbrxFFN(4, cfg)
     x = torch.randn(7, 4)
     r = ffn.router(x)
@@ -139,7 +139,7 @@ def test_composer_model_loss_parts_and_flops():
     from foundry_dbrx.composer_model import ComposerDbrxCausalLM
 
     torch.manual_seed(0)
-    model = ComposerDbrxCausalLM(**tiny_config(ffn_config__moe_lb_loss_type='switch'))
+    model = ComposerDbrxCausalLM(**tiny_config(), training={'moe_lb_loss_type': 'switch'})
     ids = torch.randint(0, 512, (2, 16))
     batch = {'input_ids': ids, 'labels': ids.clone()}
     out = model(batch)
