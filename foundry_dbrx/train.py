@@ -33,9 +33,18 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
     if overrides:
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
     callbacks = cfg.get('callbacks') or {}
-    if 'dbrx_run_summary' not in callbacks:
-        cfg.callbacks = om.merge(callbacks, {'dbrx_run_summary': {}})
+    for name in ('dbrx_run_summary', 'dbrx_parallelize'):
+        if name not in callbacks:
+            callbacks = om.merge(callbacks, {name: {}})
+    cfg.callbacks = callbacks
     return cfg
+
+
+def _wants_fsdp2(cfg) -> bool:
+    """Expert parallelism and replication are applied under FSDP2 (foundry_dbrx/parallelize.py)."""
+    training = (cfg.get('model') or {}).get('training') or {}
+    return (cfg.get('fsdp_config') is not None and (int(training.get('expert_parallel_degree', 1)) > 1
+                                                    or int(training.get('data_parallel_replicate_degree', 1)) > 1))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from foundry_dbrx.registry import register_all
 
     register_all()
-    train(load_config(args.yaml, args.overrides))
+    cfg = load_config(args.yaml, args.overrides)
+    if _wants_fsdp2(cfg) and os.environ.get('FSDP_VERSION', '1') != '2':
+        # Composer 0.32 picks FSDP2 from this variable when it builds the Trainer, after this point.
+        os.environ['FSDP_VERSION'] = '2'
+        print('[foundry-dbrx] expert parallelism / replication: FSDP2 (FSDP_VERSION=2)', flush=True)
+    train(cfg)
     return 0
 
 

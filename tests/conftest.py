@@ -69,6 +69,19 @@ def make_routing(kind: str, t: int, k: int, e: int, gen: torch.Generator) -> tor
     return scores_TE.topk(k, dim=1).indices
 
 
+@pytest.fixture(scope='session')
+def micro_corpus(tmp_path_factory):
+    """A slice of the embedded default corpus in 64-token samples, by `foundry-dbrx prep-data` (shared by the tests
+    that train tests/yamls/dbrx-micro.yaml in child processes)."""
+    from foundry_dbrx.cli import main
+
+    out = tmp_path_factory.mktemp('micro-corpus') / 'default'
+    rc = main(['prep-data', '--default', '--out', str(out), '--max-tokens', '100000', '--max-seq-len', '64',
+               '--no-progress', '--workers', '1'])
+    assert rc == 0 and (out / 'train' / 'index.json').is_file()
+    return out
+
+
 @pytest.fixture
 def tiny():
     return tiny_config

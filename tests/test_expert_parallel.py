@@ -1,16 +1,19 @@
 """Expert parallelism on CPU over gloo, against the single-process path: the all-to-all dispatcher with the eager
-experts (2 and 4 ranks, balanced, skewed and empty-expert routings), and a whole model made expert-parallel by
-``parallelize.apply_expert_parallel``, outputs and every gradient."""
+experts (2 and 4 ranks, balanced, skewed and empty-expert routings), a whole model made expert-parallel by
+``parallelize.apply_expert_parallel`` (outputs and every gradient), and training under the ``composer`` launcher
+with FSDP2 + EP 2 (the losses of one process on the same global batch; a checkpoint saved at EP 2 resumed at EP 1).
+"""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, VENV_BIN, subprocess_env
 
 
 def _free_port() -> int:
@@ -41,3 +44,42 @@ def test_expert_parallel_layer_and_model_match_one_process(tmp_path, world, ep):
     """Both cases of tests/ep_worker.py in one launch (process start-up is most of the cost): the dispatcher with
     explicit routings (with ep 4 and the 'empty' routing, a whole rank receives no rows) and the whole model."""
     run_ranks('both', world, ep, tmp_path)
+
+
+MICRO_YAML = ROOT / 'tests' / 'yamls' / 'dbrx-micro.yaml'
+
+
+def _train(run_dir, corpus, nproc: int, *overrides: str, **env: str) -> dict[int, float]:
+    """Trains the micro YAML (6 steps of 4 samples) in child processes; the loss of every step (Composer logs the
+    mean over ranks)."""
+    args = [str(MICRO_YAML), f'variables.data_local={corpus}', 'max_duration=6ba', 'save_interval=3ba',
+            f'save_folder={run_dir}/checkpoints', f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json',
+            'autoresume=false', 'variables.validate_hash=null', *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, '-m', 'foundry_dbrx.train', *args]
+    else:
+        cmd = [str(VENV_BIN / 'composer'), '-n', str(nproc), '--master_port', str(_free_port()), '-m',
+               'foundry_dbrx.train', *args, 'fsdp_config={state_dict_type: sharded}']
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS='1', **env), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    with open(run_dir / 'summary.json') as f:
+        return dict(json.load(f)['losses'])
+
+
+def test_composer_training_with_expert_parallelism_matches_one_process_and_resumes_at_ep1(tmp_path, micro_corpus):
+    one = _train(tmp_path / 'one', micro_corpus, 1)
+    ep2 = _train(tmp_path / 'ep2', micro_corpus, 2, 'model.training.expert_parallel_degree=2')
+    assert sorted(one) == sorted(ep2) == list(range(1, 7))
+    for step in one:  # fp32 sums in another order, nothing more
+        assert ep2[step] == pytest.approx(one[step], rel=2e-5), (step, one, ep2)
+    assert len(set(one.values())) == 6
+
+    # The sharded checkpoint holds the experts with their global shapes: it loads at EP 1 (FSDP2 alone), and the
+    # run continues with the losses of the uninterrupted EP 2 run.
+    checkpoint = tmp_path / 'ep2' / 'checkpoints' / 'ep0-ba3'
+    assert checkpoint.is_dir(), sorted(p.name for p in (tmp_path / 'ep2' / 'checkpoints').iterdir())
+    resumed = _train(tmp_path / 'ep1', micro_corpus, 2, f'load_path={checkpoint}', FSDP_VERSION='2')
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ep2[step], rel=2e-5), (step, ep2, resumed)
