@@ -175,24 +175,29 @@ class DbrxForCausalLM(nn.Module):
         """Initialises the parameters owned directly by ``module`` (FSDP's ``param_init_fn`` calls this module by
         module when the model was built on the meta device).
 
-        Each parameter's full value is drawn from a generator seeded by ``init_seed`` and the parameter's name, on
-        the parameter's device, and a sharded parameter (a DTensor) keeps its shard of it: the model is the same
-        whatever the order of initialisation, the world size, the FSDP version or the expert-parallel degree.
+        Each parameter's full value is drawn from a generator seeded by ``init_seed`` and the parameter's name, and a
+        sharded parameter (a DTensor) keeps its shard of it: the model is the same whatever the order of
+        initialisation, the world size, the FSDP version or the expert-parallel degree. Values are drawn on the GPU
+        where there is one, whatever device the parameter lives on: CPU and CUDA generators give different streams,
+        and LLM Foundry builds single-GPU models on the CPU where FSDP would build them on the GPU.
         """
         std = self.config.initializer_range
         prefix = self._module_names[id(module)]
+        draw_on = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else None
         for name, param in module.named_parameters(recurse=False):
+            device = _local(param).device
             if isinstance(module, nn.LayerNorm):
-                full = torch.ones(param.shape, dtype=param.dtype, device=_local(param).device)
+                full = torch.ones(param.shape, dtype=param.dtype, device=device)
             else:
                 scale = (std / math.sqrt(2 * self.config.n_layers)
                          if name in getattr(module, 'residual_out_params', ()) else std)
                 fqn = f'{prefix}.{name}' if prefix else name
-                device = _local(param).device
-                gen = torch.Generator(device=device).manual_seed(
+                gen_device = draw_on or device
+                gen = torch.Generator(device=gen_device).manual_seed(
                     (self.init_seed * 1_000_003 + zlib.crc32(fqn.encode())) % 2**63)
-                full = torch.empty(param.shape, dtype=param.dtype, device=device).normal_(0.0, scale, generator=gen)
-            assign_full(param, full)
+                full = torch.empty(param.shape, dtype=param.dtype, device=gen_device).normal_(0.0, scale,
+                                                                                             generator=gen)
+            assign_full(param, full.to(device))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

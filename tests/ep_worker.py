@@ -111,8 +111,36 @@ def model_case(rank: int, world: int, ep: int) -> None:
         torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f'{name}: {m}')
 
 
-CASES = {'dispatcher': dispatcher_case, 'model': model_case}
-CASES['both'] = lambda rank, world, ep: (dispatcher_case(rank, world, ep), model_case(rank, world, ep))
+def init_case(rank: int, world: int, ep: int) -> None:
+    """Built on the meta device, made expert-parallel and sharded with FSDP2, then materialised module by module
+    the way Composer's FSDP2 does it (``to_empty``, then the model's ``param_init_fn``): every parameter's full value
+    equals that of the same model built whole in one process from the same seed."""
+    from foundry_dbrx import DbrxConfig, DbrxForCausalLM
+    from foundry_dbrx.parallelize import ParallelDims, apply_expert_parallel, apply_fsdp2, build_mesh
+    from tests.conftest import tiny_config
+
+    cfg = DbrxConfig.from_dict(tiny_config(ffn_config__moe_num_experts=8, ffn_config__moe_top_k=2))
+    torch.manual_seed(0)
+    whole = DbrxForCausalLM(cfg)
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(cfg, device='meta')
+    dims = ParallelDims(world, 1, ep, cfg.ffn_config.moe_num_experts)
+    mesh = build_mesh(dims, 'cpu')
+    if ep > 1:
+        apply_expert_parallel(model, mesh['ep'])
+    apply_fsdp2(model, mesh['shard'], mesh['shard_mod_ep'])
+    for module in model.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device='cpu', recurse=False)
+            model.init_module(module)
+    want = dict(whole.named_parameters())
+    for name, param in model.named_parameters():
+        assert param.placements, name  # every parameter is sharded
+        assert torch.equal(param.full_tensor(), want[name]), name
+
+
+CASES = {'dispatcher': dispatcher_case, 'model': model_case, 'init': init_case}
+CASES['all'] = lambda rank, world, ep: [case(rank, world, ep) for case in (dispatcher_case, model_case, init_case)]
 
 
 def main(argv: list[str]) -> None:
