@@ -15,7 +15,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from foundry_dbrx.config import DbrxConfig, DbrxTrainingConfig
-from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
+from foundry_dbrx.model import DbrxForCausalLM, DbrxLossOutput, DbrxOutput
 from foundry_dbrx.moe.losses import load_balancing_loss
 from foundry_dbrx.parallelize import attach_composer_hooks
 
@@ -40,6 +40,26 @@ def _is_right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
+class _UpdateFromSums:
+    """Lets LanguageCrossEntropy / LanguagePerplexity take the fused loss's output: no logits, but the two
+    states the metric keeps (``sum_loss``, ``total_items``, documented in its docstring) are exactly the sums the
+    loss has. Overriding ``update`` keeps torchmetrics' update bookkeeping (count, cache) in force."""
+
+    def update(self, output: Any, target: torch.Tensor) -> None:
+        if not isinstance(output, DbrxLossOutput):
+            return super().update(output, target)
+        self.sum_loss += output.ce_sum.detach().to(self.sum_loss.device, self.sum_loss.dtype)
+        self.total_items += (target != IGNORE_INDEX).sum().to(self.total_items.device, self.total_items.dtype)
+
+
+class _TrainCrossEntropy(_UpdateFromSums, LanguageCrossEntropy):
+    pass
+
+
+class _TrainPerplexity(_UpdateFromSums, LanguagePerplexity):
+    pass
+
+
 def _fmt_params(n: int) -> str:
     return f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.2f}M'
 
@@ -55,7 +75,8 @@ class ComposerDbrxCausalLM(ComposerModel):
         pretrained_hf_dir: a local HF DBRX folder to start from: its config.json fills in every field the YAML
             leaves out (architecture fields the YAML does give must agree) and its weights are loaded.
         training: the training choices (``DbrxTrainingConfig`` field names: moe_backend, moe_lb_loss_type,
-            expert_parallel_degree, activation_checkpointing, ...); not part of the HF config.
+            expert_parallel_degree, activation_checkpointing, fused_cross_entropy, gqa_impl, ...); not part of the
+            HF config.
         **model_config: the architecture, a DBRX config (HF ``config.json`` names: d_model, n_heads, ...,
             attn_config, ffn_config), every size given.
     """
@@ -88,18 +109,20 @@ class ComposerDbrxCausalLM(ComposerModel):
                  'load-balancing loss %r x %g', _fmt_params(counts['total']), _fmt_params(counts['active']),
                  ffn.moe_top_k, ffn.moe_num_experts, lb_type, ffn.moe_loss_weight)
         self.lb_loss_key = f'lb_loss_{lb_type}'
-        self.train_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())} \
-            if use_train_metrics else {}
+        self.train_metrics = {'LanguageCrossEntropy': _TrainCrossEntropy(),
+                              'LanguagePerplexity': _TrainPerplexity()} if use_train_metrics else {}
         self.eval_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())}
 
     # --- Composer interface ----------------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any]) -> DbrxOutput:
+    def forward(self, batch: Mapping[str, Any]) -> DbrxOutput | DbrxLossOutput:
         mask = batch.get('attention_mask')
         if mask is not None and not _is_right_padded(mask):
             # Positions and the causal mask assume every row starts at position 0; left padding (ICL evaluators,
             # generation) would silently shift them.
             raise ValueError('attention_mask must only pad on the right (each row: ones, then zeros); the dbrx '
                              'model does not take left-padded batches')
+        if self.training_config.fused_cross_entropy and self.training:
+            return self.model(batch['input_ids'], targets=self.targets(batch))
         return self.model(batch['input_ids'])
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -114,15 +137,18 @@ class ComposerDbrxCausalLM(ComposerModel):
         targets[:, -1] = IGNORE_INDEX
         return targets
 
-    def loss(self, outputs: DbrxOutput, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: DbrxOutput | DbrxLossOutput, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """``total = ce + moe_loss_weight * lb_loss``; each part is logged (``loss/train/ce``,
         ``loss/train/lb_loss_<type>``)."""
         targets = self.targets(batch).reshape(-1)
-        logits = outputs.logits
         # Sum over valid targets / their count (at least 1): a microbatch whose labels are all ignored (a long
         # masked prompt) gives 0, not the NaN of a mean over nothing.
-        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
-                                 reduction='sum')
+        if isinstance(outputs, DbrxLossOutput):
+            ce_sum = outputs.ce_sum
+        else:
+            logits = outputs.logits
+            ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
+                                     ignore_index=IGNORE_INDEX, reduction='sum')
         ce = ce_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
         ffn = self.config.ffn_config
         lbl = load_balancing_loss(outputs.routings, ffn.moe_num_experts, self.training_config.moe_lb_loss_type,
@@ -143,7 +169,8 @@ class ComposerDbrxCausalLM(ComposerModel):
             return dist.group.WORLD
         return None
 
-    def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[DbrxOutput] = None) -> DbrxOutput:
+    def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[DbrxOutput | DbrxLossOutput] = None
+                     ) -> DbrxOutput | DbrxLossOutput:
         return outputs if outputs is not None else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict:
@@ -153,7 +180,7 @@ class ComposerDbrxCausalLM(ComposerModel):
         if not isinstance(metric, (LanguageCrossEntropy, LanguagePerplexity)):
             raise ValueError(f'metric {type(metric).__name__} is not supported by the dbrx model (it computes '
                              'LanguageCrossEntropy and LanguagePerplexity); remove icl_tasks / eval_gauntlet')
-        metric.update(outputs.logits, self.targets(batch))
+        metric.update(outputs if isinstance(outputs, DbrxLossOutput) else outputs.logits, self.targets(batch))
 
     def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
         """``(6 N_active + 12 L D S) * tokens``: N_active without the input embedding (a lookup, no FLOPs)

@@ -27,6 +27,8 @@ MOE_BACKENDS = ('auto', 'eager', 'grouped_mm', 'megablocks', 'grouped_mm_triton'
 LB_LOSS_TYPES = ('switch', 'megablocks')
 # Over which tokens the load-balancing statistics are gathered (foundry_dbrx/moe/losses.py).
 LB_LOSS_SCOPES = ('global', 'local')
+# How attention meets K/V with fewer heads than Q (foundry_dbrx/model.py).
+GQA_IMPLS = ('auto', 'repeat_kv', 'enable_gqa')
 # What activation checkpointing wraps when the YAML turns it on (fsdp_config.activation_checkpointing: true).
 AC_TARGETS = ('block', 'attention', 'experts')
 
@@ -250,6 +252,11 @@ class DbrxTrainingConfig:
             (``fsdp_config.activation_checkpointing: true``): ``block`` (the whole block), ``attention`` (norms and
             attention) or ``experts`` (the expert GEMMs, not the dispatch: no all-to-all is replayed).
         activation_checkpointing_every: checkpoint every n-th block only (1: every block).
+        fused_cross_entropy: in training, compute the loss with the chunked linear cross entropy
+            (:mod:`foundry_dbrx.ops.cross_entropy`): no [B, S, V] logits; the train metrics are updated from its
+            sums. Evaluation still computes logits.
+        gqa_impl: how attention uses the fewer K/V heads: ``auto`` (SDPA's ``enable_gqa`` for fp16/bf16 on CUDA,
+            else ``repeat_kv``), ``repeat_kv`` (HF's way) or ``enable_gqa``.
     """
 
     moe_backend: str = 'auto'
@@ -259,6 +266,8 @@ class DbrxTrainingConfig:
     data_parallel_replicate_degree: int = 1
     activation_checkpointing: str = 'block'
     activation_checkpointing_every: int = 1
+    fused_cross_entropy: bool = False
+    gqa_impl: str = 'auto'
 
     def __post_init__(self) -> None:
         if self.moe_backend not in MOE_BACKENDS:
@@ -275,6 +284,10 @@ class DbrxTrainingConfig:
             raise ValueError(f'training.activation_checkpointing ({self.activation_checkpointing!r}) must be one of '
                              f'{list(AC_TARGETS)}')
         _check_positive('training.', 'activation_checkpointing_every', self.activation_checkpointing_every)
+        if not isinstance(self.fused_cross_entropy, bool):
+            raise ValueError(f'training.fused_cross_entropy ({self.fused_cross_entropy!r}) must be true or false')
+        if self.gqa_impl not in GQA_IMPLS:
+            raise ValueError(f'training.gqa_impl ({self.gqa_impl!r}) must be one of {list(GQA_IMPLS)}')
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]]) -> 'DbrxTrainingConfig':

@@ -16,16 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundry_dbrx.config import DbrxConfig, DbrxTrainingConfig
+from foundry_dbrx.config import GQA_IMPLS, DbrxConfig, DbrxTrainingConfig
 from foundry_dbrx.moe.layer import DbrxFFN
 from foundry_dbrx.moe.router import Routing
+from foundry_dbrx.ops.cross_entropy import linear_cross_entropy
 
-__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'rotary_cos_sin', 'assign_full']
+__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'DbrxLossOutput',
+           'rotary_cos_sin', 'assign_full', 'GQA_IMPLS']
+
+# How attention meets K/V with fewer heads than Q (config.GQA_IMPLS): 'repeat_kv' repeats them per query group first
+# (HF's way, the CPU path of the parity tests); 'enable_gqa' hands SDPA the G heads (torch >= 2.5: its flash kernel
+# reads each K/V head once per group, nothing repeated in memory); 'auto' takes enable_gqa for fp16/bf16 on CUDA.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split('.')[:2]) >= (2, 5)
 
 
 class DbrxOutput(NamedTuple):
     logits: torch.Tensor  # [B, S, V]
     routings: tuple[Routing, ...]  # one per layer, for the auxiliary losses
+
+
+class DbrxLossOutput(NamedTuple):
+    ce_sum: torch.Tensor  # fp32 scalar: the cross entropy summed over the targets that are not ignored
+    routings: tuple[Routing, ...]
 
 
 def rotary_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +63,11 @@ def apply_rotary(x_BHSd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Ten
 class DbrxAttention(nn.Module):
     """Causal GQA self-attention with DBRX's clip on the fused QKV projection (before the split and RoPE)."""
 
-    def __init__(self, cfg: DbrxConfig, device=None):
+    def __init__(self, cfg: DbrxConfig, device=None, gqa_impl: str = 'auto'):
         super().__init__()
         a = cfg.attn_config
         self.n_heads, self.kv_n_heads, self.head_dim = cfg.n_heads, a.kv_n_heads, cfg.head_dim
+        self.gqa_impl = check_gqa_impl(gqa_impl)
         self.clip_qkv, self.rope_theta, self.attn_pdrop = a.clip_qkv, a.rope_theta, a.attn_pdrop
         qkv_out = cfg.d_model + 2 * self.kv_n_heads * self.head_dim
         self.Wqkv = nn.Linear(cfg.d_model, qkv_out, bias=False, device=device)
@@ -73,15 +86,30 @@ class DbrxAttention(nn.Module):
         v_BGSd = v.view(b, s, self.kv_n_heads, self.head_dim).transpose(1, 2)
         q_BHSd = apply_rotary(q_BHSd, cos_SHd, sin_SHd)
         k_BGSd = apply_rotary(k_BGSd, cos_SHd, sin_SHd)
+        gqa = {}
         if self.kv_n_heads != self.n_heads:
-            # Repeat K/V per query group (what HF does); SDPA's enable_gqa is not taken by every kernel.
-            rep = self.n_heads // self.kv_n_heads
-            k_BGSd = k_BGSd.repeat_interleave(rep, dim=1)
-            v_BGSd = v_BGSd.repeat_interleave(rep, dim=1)
+            impl = self.gqa_impl
+            if impl == 'auto':
+                impl = 'enable_gqa' if (_SDPA_HAS_GQA and q_BHSd.is_cuda
+                                        and q_BHSd.dtype in (torch.float16, torch.bfloat16)) else 'repeat_kv'
+            if impl == 'enable_gqa':
+                gqa = {'enable_gqa': True}
+            else:  # repeat K/V per query group, as HF does
+                rep = self.n_heads // self.kv_n_heads
+                k_BGSd = k_BGSd.repeat_interleave(rep, dim=1)
+                v_BGSd = v_BGSd.repeat_interleave(rep, dim=1)
         o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=True,
                                                 dropout_p=self.attn_pdrop if self.training else 0.0,
-                                                scale=1.0 / math.sqrt(self.head_dim))
+                                                scale=1.0 / math.sqrt(self.head_dim), **gqa)
         return self.out_proj(o_BHSd.transpose(1, 2).reshape(b, s, d))
+
+
+def check_gqa_impl(gqa_impl: str) -> str:
+    if gqa_impl not in GQA_IMPLS:
+        raise ValueError(f'gqa_impl ({gqa_impl!r}) must be one of {list(GQA_IMPLS)}')
+    if gqa_impl == 'enable_gqa' and not _SDPA_HAS_GQA:
+        raise ValueError(f"gqa_impl 'enable_gqa' needs torch >= 2.5 (this is {torch.__version__}); use 'repeat_kv'")
+    return gqa_impl
 
 
 class DbrxNormAttentionNorm(nn.Module):
@@ -139,7 +167,8 @@ class DbrxModel(nn.Module):
 
 
 class DbrxForCausalLM(nn.Module):
-    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing.
+    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing;
+    ``(input_ids, targets=...)`` returns the summed cross entropy instead, without materialising the logits.
 
     ``training`` supplies the expert backend (the rest of it, such as expert parallelism, is applied from outside by
     :mod:`foundry_dbrx.parallelize`).
@@ -150,6 +179,9 @@ class DbrxForCausalLM(nn.Module):
         self.config = cfg
         self.training_config = training or DbrxTrainingConfig()
         self.transformer = DbrxModel(cfg, self.training_config.moe_backend, device=device)
+        for module in self.transformer.modules():
+            if isinstance(module, DbrxAttention):
+                module.gqa_impl = check_gqa_impl(self.training_config.gqa_impl)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
         # Every parameter's initial value depends only on this seed (the run's, as Composer seeds torch before it
         # builds the model) and the parameter's name: see init_module. Module names are kept by identity, as
@@ -159,9 +191,14 @@ class DbrxForCausalLM(nn.Module):
         if torch.device(device or 'cpu').type != 'meta':
             self.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor) -> DbrxOutput:
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """``DbrxOutput`` (logits), or with ``targets`` ([B, S], -100 ignored) ``DbrxLossOutput``: the head and the
+        cross entropy run chunk by chunk (:func:`foundry_dbrx.ops.linear_cross_entropy`). The head weight is used
+        here, inside forward, where FSDP has it gathered."""
         h_BSD, routings = self.transformer(input_ids)
-        return DbrxOutput(self.lm_head(h_BSD), routings)
+        if targets is None:
+            return DbrxOutput(self.lm_head(h_BSD), routings)
+        return DbrxLossOutput(linear_cross_entropy(h_BSD, self.lm_head.weight, targets), routings)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
