@@ -48,7 +48,7 @@ def run_case(name: str, nproc: int, overrides: list[str], env: dict, work: Path,
     if nproc == 1:
         cmd = [sys.executable, '-m', 'foundry_dbrx.train', *args]
     else:
-        cmd = ['composer', '-n', str(nproc), '-m', 'foundry_dbrx.train', *args]
+        cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), '-m', 'foundry_dbrx.train', *args]
     start = time.time()
     with open(log_dir / f'{name}.log', 'w') as log:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)

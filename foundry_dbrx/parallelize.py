@@ -41,7 +41,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from composer.core import Callback, Event
+from composer.core import Algorithm, Callback, Event
 from torch import nn
 
 from foundry_dbrx.config import DbrxTrainingConfig
@@ -50,7 +50,8 @@ from foundry_dbrx.moe.dispatch import AllToAllDispatcher
 from foundry_dbrx.moe.experts import DbrxExperts
 
 __all__ = ['attach_composer_hooks', 'is_block', 'activation_checkpointing_fn', 'fsdp_version', 'ParallelDims',
-           'build_mesh', 'apply_expert_parallel', 'apply_fsdp2', 'DbrxParallelize']
+           'build_mesh', 'apply_expert_parallel', 'apply_fsdp2', 'DbrxParallelize', 'clip_grad_norm_',
+           'MeshAwareGradientClipping']
 
 log = logging.getLogger(__name__)
 
@@ -222,5 +223,62 @@ def parallelize_for_composer(state) -> None:
             apply_expert_parallel(model, mesh['ep'])
         apply_fsdp2(model, _fsdp_mesh(mesh, 'shard', dims.replicate), _fsdp_mesh(mesh, 'shard_mod_ep', dims.replicate),
                     mp_policy=mp_policy, reshard_after_forward=fsdp.reshard_after_forward)
+    _replace_norm_clipping(state)
     log.info('dbrx_parallelize: %s; experts sharded over %d ranks, %d local experts per rank', dims,
              dims.replicate * dims.shard_mod_ep, model.config.ffn_config.moe_num_experts // dims.ep)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for gradients that are DTensors on several device meshes.
+
+    Under this plan the expert weights live on the ``(shard_mod_ep, ep)`` mesh and the rest on ``shard``; torch's
+    function stacks every parameter's norm into one tensor, which DTensor refuses across meshes ("All operands in
+    aten.stack.default must have the same mesh"). Here the norms are combined per mesh (one all-reduce each), then
+    across meshes, and every gradient is scaled by the same coefficient with no host sync. Returns the total norm.
+    """
+    from torch.distributed.tensor import DTensor
+    by_mesh: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    if not by_mesh:
+        return torch.zeros(())
+    squares = []
+    for grads in by_mesh.values():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grads in by_mesh.values():
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
+    return total
+
+
+class MeshAwareGradientClipping(Algorithm):
+    """Composer's ``GradientClipping`` with ``clipping_type: norm``, for gradients on several device meshes (expert
+    parallelism): the same threshold, at the same event, through :func:`clip_grad_norm_`."""
+
+    def __init__(self, clipping_threshold: float):
+        self.clipping_threshold = clipping_threshold
+
+    def match(self, event: Event, state) -> bool:
+        return event == Event.AFTER_TRAIN_BATCH
+
+    def apply(self, event: Event, state, logger) -> None:
+        clip_grad_norm_(state.model.parameters(), self.clipping_threshold)
+
+
+def _replace_norm_clipping(state) -> None:
+    """Swaps Composer's norm clipping for :class:`MeshAwareGradientClipping` (the other clipping types work per
+    tensor and need nothing). Composer's engine reads ``state.algorithms`` at every event, so the swap at INIT holds
+    for the whole run."""
+    from composer.algorithms import GradientClipping
+    algorithms = list(state.algorithms)
+    for i, algorithm in enumerate(algorithms):
+        if isinstance(algorithm, GradientClipping) and algorithm.clipping_type == 'norm':
+            algorithms[i] = MeshAwareGradientClipping(algorithm.clipping_threshold)
+            log.info('dbrx_parallelize: gradient norm clipping at %g combines the norms of every device mesh',
+                     algorithm.clipping_threshold)
+    state.algorithms = algorithms

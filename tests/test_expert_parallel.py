@@ -54,9 +54,12 @@ MICRO_YAML = ROOT / 'tests' / 'yamls' / 'dbrx-micro.yaml'
 def _train(run_dir, corpus, nproc: int, *overrides: str, **env: str) -> dict[int, float]:
     """Trains the micro YAML (6 steps of 4 samples) in child processes; the loss of every step (Composer logs the
     mean over ranks)."""
+    # Norm clipping at a threshold every step's gradient exceeds: under EP the gradients live on two device meshes
+    # and the clipping must combine their norms (parallelize.clip_grad_norm_) to give one process's steps.
     args = [str(MICRO_YAML), f'variables.data_local={corpus}', 'max_duration=6ba', 'save_interval=3ba',
             f'save_folder={run_dir}/checkpoints', f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json',
-            'autoresume=false', 'variables.validate_hash=null', *overrides]
+            'autoresume=false', 'variables.validate_hash=null', 'algorithms.gradient_clipping.clipping_type=norm',
+            'algorithms.gradient_clipping.clipping_threshold=0.05', *overrides]
     if nproc == 1:
         cmd = [sys.executable, '-m', 'foundry_dbrx.train', *args]
     else:
@@ -74,7 +77,7 @@ def test_composer_training_with_expert_parallelism_matches_one_process_and_resum
     ep2 = _train(tmp_path / 'ep2', micro_corpus, 2, 'model.training.expert_parallel_degree=2')
     assert sorted(one) == sorted(ep2) == list(range(1, 7))
     for step in one:  # fp32 sums in another order, nothing more
-        assert ep2[step] == pytest.approx(one[step], rel=2e-5), (step, one, ep2)
+        assert ep2[step] == pytest.approx(one[step], rel=1e-4), (step, one, ep2)
     assert len(set(one.values())) == 6
 
     # The sharded checkpoint holds the experts with their global shapes: it loads at EP 1 (FSDP2 alone), and the
@@ -84,4 +87,4 @@ def test_composer_training_with_expert_parallelism_matches_one_process_and_resum
     resumed = _train(tmp_path / 'ep1', micro_corpus, 2, f'load_path={checkpoint}', FSDP_VERSION='2')
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
-        assert resumed[step] == pytest.approx(ep2[step], rel=2e-5), (step, ep2, resumed)
+        assert resumed[step] == pytest.approx(ep2[step], rel=1e-4), (step, ep2, resumed)
