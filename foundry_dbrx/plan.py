@@ -59,6 +59,16 @@ backward of the first block differentiated, (D) the optimizer step (two fp32 tem
 shard: Composer's DecoupledAdamW allocates its ``denom``). "Fits" allows 5% for the caching allocator's
 fragmentation and 3 GB for what it does not see (CUDA context, NCCL buffers, cuBLAS workspaces).
 
+Communication (bytes each GPU sends per step; ring collectives move ``(S - 1) / S`` of a buffer through every member
+of an S-rank group; m microbatches per step, and FSDP gathers and reduces at every one of them):
+  - FSDP all-gather: forward every unit, backward every block again (FULL_SHARD reshards after forward; the root
+    stays gathered), in the gathered dtype ``p``: ``(S-1)/S * p * P_dense`` over the S = gpus ranks plus, under EP
+    K, ``(S_e-1)/S_e * p * P_experts / K`` over the S_e = gpus / K ranks holding the same experts (without EP the
+    experts are part of P_dense);
+  - FSDP reduce-scatter of the gradients, the same bytes in the reduce dtype (PURE: 2, else 4);
+  - EP all-to-all, per layer: dispatch and combine in forward and again in backward, ``(K-1)/K * N D c`` each, and
+    once more in forward when whole blocks are recomputed (``activation_checkpointing: block``).
+
 FLOPs (per GPU per step): model FLOPs ``(6 N_active + 12 L D S) * tokens`` (the MFU convention of
 ``ComposerDbrxCausalLM.flops_per_batch``), and executed FLOPs, which add activation checkpointing's recomputed
 forward of the blocks (``2 N_active_blocks + 4 L D S`` per token).
@@ -76,7 +86,7 @@ from typing import Any, Mapping, Optional
 
 from foundry_dbrx.config import DbrxConfig
 
-__all__ = ['TrainSetup', 'MemoryPlan', 'setup_from_yaml', 'plan_memory', 'attention_saved_bytes',
+__all__ = ['TrainSetup', 'MemoryPlan', 'setup_from_yaml', 'plan_memory', 'plan_communication', 'attention_saved_bytes',
            'router_saved_bytes', 'experts_saved_bytes', 'layer_saved_bytes', 'param_counts', 'add_arguments', 'run']
 
 GB = 1e9
@@ -102,6 +112,7 @@ class TrainSetup:
     activation_checkpointing: bool = True
     optimizer: str = 'decoupled_adamw'
     ep: int = 1
+    ac_target: str = 'block'  # training.activation_checkpointing: block | attention | experts
     fused_cross_entropy: bool = False
     ce_chunk_tokens: int = 2048
     gqa_impl: str = 'auto'  # auto -> enable_gqa on CUDA in bf16/fp16 (model.py)
@@ -328,7 +339,8 @@ def setup_from_yaml(yaml_path: str, overrides: tuple = (), *, gpus: int, ep: int
     fsdp_cfg = cfg.get('fsdp_config')
     from foundry_dbrx.config import DbrxTrainingConfig
     choices = DbrxTrainingConfig.from_dict(model.get('training'))
-    training = {'fused_cross_entropy': choices.fused_cross_entropy, 'gqa_impl': choices.gqa_impl}
+    training = {'fused_cross_entropy': choices.fused_cross_entropy, 'gqa_impl': choices.gqa_impl,
+                'ac_target': choices.activation_checkpointing}
     if ep == 1:
         ep = choices.expert_parallel_degree
     setup = TrainSetup(
@@ -339,6 +351,39 @@ def setup_from_yaml(yaml_path: str, overrides: tuple = (), *, gpus: int, ep: int
         activation_checkpointing=bool((fsdp_cfg or {}).get('activation_checkpointing', False)),
         optimizer=(cfg.get('optimizer') or {}).get('name', 'decoupled_adamw'), **training)
     return arch, setup, cfg
+
+
+def plan_communication(cfg: DbrxConfig, s: TrainSetup) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step, by collective (the module docstring's model)."""
+    if not s.fsdp_active and s.ep == 1:
+        return {}
+    pc = param_counts(cfg)
+    amp = s.precision != 'fp32'
+    c = 2 if amp else 4
+    p = 4 if (s.mixed_precision == 'FULL' or not amp) else 2
+    g = 2 if s.mixed_precision == 'PURE' and amp else 4
+    micro = s.batch_per_gpu // s.microbatch
+    layers = cfg.n_layers
+    experts = layers * pc['block_experts']
+    dense_blocks = layers * (pc['block'] - pc['block_experts']) + (experts if s.ep == 1 else 0)
+    dense_all = dense_blocks + pc['root']
+    local_experts = experts / s.ep if s.ep > 1 else 0.0
+
+    def ring(group: int) -> float:
+        return (group - 1) / group if group > 1 else 0.0
+
+    world = s.gpus if s.sharding != 'NO_SHARD' else 1
+    expert_group = s.gpus // s.ep
+    forward = p * (ring(world) * dense_all + ring(expert_group) * local_experts)
+    backward = 0.0 if s.sharding == 'SHARD_GRAD_OP' else \
+        p * (ring(world) * dense_blocks + ring(expert_group) * local_experts)
+    reduce = g * (ring(s.gpus) * dense_all + ring(expert_group) * local_experts)
+    out = {'FSDP all-gather': micro * (forward + backward), 'FSDP reduce-scatter': micro * reduce}
+    if s.ep > 1:
+        slots = s.microbatch * s.seq_len * cfg.ffn_config.moe_top_k
+        exchanges = 4 + (2 if s.checkpointing and s.ac_target == 'block' else 0)
+        out['EP all-to-all'] = micro * layers * exchanges * ring(s.ep) * slots * cfg.d_model * c
+    return out
 
 
 def _gb(x: float) -> str:
@@ -374,6 +419,13 @@ def report(arch: DbrxConfig, setup: TrainSetup, gpu_memory: float, peak_tflops: 
     lines += ['', 'microbatch  peak GB', *sweep,
               f'recommended microbatch: {best}' if best else 'recommended microbatch: none fits; use more GPUs '
               'or --ep, or turn activation checkpointing / the fused cross entropy on']
+    comm = plan_communication(arch, setup)
+    if comm:
+        lines += ['', 'bytes each GPU sends per step (GB):']
+        lines += [f'{_gb(v):>10}  {k}' for k, v in comm.items()]
+        total = sum(comm.values())
+        lines += [f'{_gb(total):>10}  in all: {total / 400e9 * 1e3:.0f} ms at 400 GB/s (NVLink), '
+                  f'{total / 50e9 * 1e3:.0f} ms at 50 GB/s (400 Gb/s InfiniBand per GPU)']
     tokens = setup.batch_per_gpu * setup.seq_len
     lines += ['', f'FLOPs per GPU per step: model {p.model_flops_per_token * tokens / 1e15:.2f} PFLOP '
               f'({p.model_flops_per_token / 1e9:.2f} GFLOP/token, the MFU convention), executed '

@@ -15,7 +15,7 @@ from foundry_dbrx.moe.kernels import TorchOps
 from foundry_dbrx.moe.layer import routed_experts
 from foundry_dbrx.moe.router import DbrxRouter
 from foundry_dbrx.plan import (GB, TrainSetup, attention_saved_bytes, experts_saved_bytes, param_counts,
-                               plan_memory, router_saved_bytes)
+                               plan_communication, plan_memory, router_saved_bytes)
 from tests.conftest import ROOT, tiny_config
 
 SHAPES = [dict(d_model=64, n_heads=8, attn_config__kv_n_heads=2, ffn_config__ffn_hidden_size=96),  # GQA 4:1
@@ -124,6 +124,31 @@ def test_expert_parallel_and_fused_loss_terms():
     assert p.terms['loss: backward start'] == (2 + 12) * t * v  # bf16 logits + fp32 log_softmax + two fp32 grads
     assert fused.terms['loss: backward start'] < p.terms['loss: backward start'] / 10
     assert fused.peak < p.peak
+
+
+def test_bytes_moved_per_step_fsdp_alone_and_with_expert_parallelism():
+    """Counted by hand for 8 GPUs, 4 microbatches per step, PURE (bf16 gathers and reductions)."""
+    cfg = _small()
+    pc = param_counts(cfg)
+    layers, experts = cfg.n_layers, cfg.n_layers * pc['block_experts']
+    dense_blocks = layers * (pc['block'] - pc['block_experts'])
+    base = TrainSetup(gpus=8, seq_len=1024, batch_per_gpu=8, microbatch=2)
+    fsdp = plan_communication(cfg, base)
+    # forward gathers everything, backward every block again (the root stays gathered); 4 microbatches
+    assert fsdp['FSDP all-gather'] == pytest.approx(4 * 2 * 7 / 8 * (2 * (dense_blocks + experts) + pc['root']))
+    assert fsdp['FSDP reduce-scatter'] == pytest.approx(4 * 2 * 7 / 8 * (dense_blocks + experts + pc['root']))
+    assert 'EP all-to-all' not in fsdp
+    ep = plan_communication(cfg, dataclasses.replace(base, ep=4))
+    # experts: 1/4 of them per GPU, sharded over the 2 GPUs that hold the same ones
+    local = experts / 4
+    assert ep['FSDP all-gather'] == pytest.approx(4 * 2 * (7 / 8 * (2 * dense_blocks + pc['root']) + 1 / 2 * 2 * local))
+    slots = 2 * 1024 * cfg.ffn_config.moe_top_k
+    # dispatch + combine, forward + backward, + the recomputed forward of checkpointed blocks: 6 exchanges a layer
+    assert ep['EP all-to-all'] == pytest.approx(4 * layers * 6 * 3 / 4 * slots * cfg.d_model * 2)
+    experts_only = plan_communication(cfg, dataclasses.replace(base, ep=4, ac_target='experts'))
+    assert experts_only['EP all-to-all'] == pytest.approx(ep['EP all-to-all'] * 4 / 6)
+    assert sum(ep.values()) < sum(fsdp.values())
+    assert plan_communication(cfg, dataclasses.replace(base, gpus=1)) == {}
 
 
 def test_microbatch_sweep_and_flops_match_the_composer_model():
