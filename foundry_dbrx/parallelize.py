@@ -197,7 +197,7 @@ def parallelize_for_composer(state) -> None:
     composer_model = state.model
     model = getattr(composer_model, 'model', None)
     if not isinstance(model, DbrxForCausalLM):
-        raise ValueError(f'dbrx_parallelize needs the dbrx model; got {type(composer_model).__name__}')
+        return  # another model (mpt_dbrx_moe ...): Composer's own wrapping applies
     training = model.training_config
     if not _needs_fsdp2_plan(training):
         return
