@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 __all__ = ['MARKER', 'OutputError', 'atomic_output', 'output_lock', 'rename_no_replace', 'check_not_input',
            'clean_stale_temporaries', 'check_free_space', 'disk_full_error', 'disk_full_as_error', 'write_marker',
-           'read_marker', 'foreign_files', 'is_disk_full', 'remove_path']
+           'read_marker', 'foreign_files', 'is_disk_full', 'remove_path', 'pid_alive', 'temporary_sibling']
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ class OutputError(ValueError):
     """An output cannot be written as asked; the message names the path and says what is there or what is missing."""
 
 
-def _temp_name(out: Path, kind: str) -> Path:
+def temporary_sibling(out: Path, kind: str = 'partial') -> Path:
+    """A hidden name beside ``out`` for a build in progress (``partial``) or an output being replaced (``old``),
+    which :func:`clean_stale_temporaries` recognises once its process is gone."""
     return out.parent / f'.{out.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
 
 
@@ -130,10 +132,11 @@ def output_lock(out: Path) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ stale temporaries
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` of this host exists (a malformed pid counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
         return False
     except PermissionError:
         return True
@@ -154,7 +157,7 @@ def clean_stale_temporaries(out: Path) -> list[str]:
         if m['host'] != _HOST:
             notes.append(f'{entry}: left by process {m["pid"]} on host {m["host"]}; remove it if that process is '
                          'gone')
-        elif not _pid_alive(int(m['pid'])):
+        elif not pid_alive(m['pid']):
             if m['kind'] == 'old' and not _exists(out):
                 rename_no_replace(entry, out)
                 notes.append(f'{out}: put back from {entry.name}, which process {m["pid"]} moved aside and died')
@@ -277,7 +280,7 @@ def disk_full_error(path: Path, error: OSError, needed: NeededBytes = None) -> O
     or a function giving one at the time of the error) and the bytes free. Build it after removing the partial
     output, so that the free space is what the user has to work with."""
     n, free = _needed(needed), _free(path)
-    need = f'it needs {n:,} bytes' if n else 'it needs more space'
+    need = f'it needs about {n:,} bytes' if n else 'it needs more space'
     have = f', {free:,} are free' if free is not None else ''
     return OutputError(f'{path}: no space left on device ({error.strerror}): {need}{have}; the partial output was '
                        'removed')
@@ -330,7 +333,7 @@ def atomic_output(out: Union[str, os.PathLike], *, command: str, overwrite: bool
                                   f'foundry-dbrx {command} (recognised by its {MARKER}): choose another output or '
                                   'remove it yourself')
         check_free_space(out.parent, _needed(needed_bytes))
-        tmp = _temp_name(out, 'partial')
+        tmp = temporary_sibling(out, 'partial')
         if is_dir:
             tmp.mkdir()
         try:
@@ -348,7 +351,7 @@ def atomic_output(out: Union[str, os.PathLike], *, command: str, overwrite: bool
 def _install(tmp: Path, out: Path, replace: bool) -> None:
     old = None
     if replace:
-        old = _temp_name(out, 'old')
+        old = temporary_sibling(out, 'old')
         rename_no_replace(out, old)
     try:
         rename_no_replace(tmp, out)
