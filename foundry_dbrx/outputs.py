@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 __all__ = ['MARKER', 'OutputError', 'atomic_output', 'output_lock', 'rename_no_replace', 'check_not_input',
            'clean_stale_temporaries', 'check_free_space', 'disk_full_error', 'disk_full_as_error', 'write_marker',
+           'marker_text',
            'read_marker', 'foreign_files', 'is_disk_full', 'remove_path', 'pid_alive', 'temporary_sibling']
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,15 @@ def clean_stale_temporaries(out: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------- marker
+def marker_text(command: str, files: Sequence[str]) -> str:
+    """The content of a :data:`MARKER`: which command wrote the output, and every file it wrote (relative paths)."""
+    return json.dumps({'written_by': f'foundry-dbrx {command}', 'files': sorted(files)}, indent=1) + '\n'
+
+
 def write_marker(folder: Path, command: str) -> None:
-    """Writes :data:`MARKER` into ``folder``: the command and every file below ``folder`` (relative paths)."""
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if not p.is_dir() and p.name != MARKER)
-    (folder / MARKER).write_text(json.dumps({'written_by': f'foundry-dbrx {command}', 'files': files}, indent=1)
-                                 + '\n')
+    """Writes :data:`MARKER` into ``folder``, listing every file below ``folder``."""
+    files = [str(p.relative_to(folder)) for p in folder.rglob('*') if not p.is_dir() and p.name != MARKER]
+    (folder / MARKER).write_text(marker_text(command, files))
 
 
 def read_marker(folder: Path) -> Optional[dict]:
@@ -268,11 +273,12 @@ def _free(path: Path) -> Optional[int]:
     return None
 
 
-def check_free_space(folder: Path, needed: Optional[int], what: str = 'the output') -> None:
-    """Fails before any work when ``folder``'s filesystem has less free space than ``needed`` bytes."""
-    free = _free(folder)
+def check_free_space(path: Path, needed: Optional[int]) -> None:
+    """Fails before any work when the filesystem that ``path`` is to be written to has less free space than
+    ``needed`` bytes (None: unknown, not checked)."""
+    free = _free(path)
     if needed is not None and free is not None and free < needed:
-        raise OutputError(f'{folder}: not enough space for {what}: it needs {needed:,} bytes, {free:,} are free')
+        raise OutputError(f'{path}: not enough space on its filesystem: it needs {needed:,} bytes, {free:,} are free')
 
 
 def disk_full_error(path: Path, error: OSError, needed: NeededBytes = None) -> OutputError:
@@ -295,8 +301,9 @@ def disk_full_as_error(path: Path, needed: NeededBytes = None, cleanup: Callable
     except OSError as e:
         if not is_disk_full(e):
             raise
+        n = _needed(needed)
         cleanup()
-        raise disk_full_error(path, e, needed) from None
+        raise disk_full_error(path, e, n) from None
 
 
 # ---------------------------------------------------------------------------------------------------- the output
@@ -332,7 +339,7 @@ def atomic_output(out: Union[str, os.PathLike], *, command: str, overwrite: bool
                 raise OutputError(f'{option} {out} {what}; --overwrite replaces only an earlier output of '
                                   f'foundry-dbrx {command} (recognised by its {MARKER}): choose another output or '
                                   'remove it yourself')
-        check_free_space(out.parent, _needed(needed_bytes))
+        check_free_space(out, _needed(needed_bytes))
         tmp = temporary_sibling(out, 'partial')
         if is_dir:
             tmp.mkdir()
@@ -342,9 +349,11 @@ def atomic_output(out: Union[str, os.PathLike], *, command: str, overwrite: bool
                 write_marker(tmp, command)
             _install(tmp, out, replace)
         except BaseException as e:
+            full = is_disk_full(e)
+            needed = _needed(needed_bytes) if full else None  # before the partial output, which it may measure, goes
             remove_path(tmp)
-            if is_disk_full(e):
-                raise disk_full_error(out, e, needed_bytes) from None
+            if full:
+                raise disk_full_error(out, e, needed) from None
             raise
 
 

@@ -2,7 +2,8 @@
 ``composer -n N -m foundry_dbrx.train YAML``).
 
 A thin layer over LLM Foundry's ``train``: it makes sure foundry-dbrx's registrations exist even where the
-package is only on ``PYTHONPATH`` (no entry points), adds the run-summary callback, then hands over.
+package is only on ``PYTHONPATH`` (no entry points), adds the run-summary and divergence-guard callbacks, then hands
+over. A diverging run ends with one line naming the step (exit status 1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(yaml_path: str, overrides: Sequence[str] = ()):
-    """The YAML with command-line overrides merged in, plus the run-summary callback."""
+    """The YAML with command-line overrides merged in, plus the run-summary and divergence-guard callbacks."""
     from omegaconf import OmegaConf as om
 
     if not os.path.isfile(yaml_path):
@@ -32,9 +33,10 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
         raise ValueError(f'overrides {bad} must look like key=value (for example max_duration=10ba)')
     if overrides:
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
-    callbacks = cfg.get('callbacks') or {}
-    if 'dbrx_run_summary' not in callbacks:
-        cfg.callbacks = om.merge(callbacks, {'dbrx_run_summary': {}})
+    for name in ('dbrx_run_summary', 'dbrx_divergence_guard'):
+        callbacks = cfg.get('callbacks') or {}
+        if name not in callbacks:
+            cfg.callbacks = om.merge(callbacks, {name: {}})
     return cfg
 
 
@@ -43,8 +45,14 @@ def run(args: argparse.Namespace) -> int:
 
     from foundry_dbrx.registry import register_all
 
+    from foundry_dbrx.divergence import DivergenceError
+
     register_all()
-    train(load_config(args.yaml, args.overrides))
+    try:
+        train(load_config(args.yaml, args.overrides))
+    except DivergenceError as e:
+        print(f'foundry-dbrx train: error: {e}', file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

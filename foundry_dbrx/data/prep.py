@@ -150,7 +150,9 @@ class PrepSummary:
     shards: dict = dataclasses.field(default_factory=lambda: {s: 0 for s in SPLITS})
     bytes: int = 0
     seconds: float = 0.0
-    input_bytes_read: int = 0  # of text and JSONL files started so far: for the disk-full estimate
+    # for the disk-full estimate: bytes of the text and JSONL files started so far, tokens the tokenizer returned
+    input_bytes_read: int = 0
+    tokens_encoded: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -493,6 +495,7 @@ def _tokenize_into(writer: _SampleWriter, cfg: PrepConfig, sources: Sequence[_So
         batches = _batches(counted(_documents(cfg, sources, summary)), summary)
         with contextlib.closing(_encoded(batches, cfg.workers)) as encoded:
             for batch in encoded:
+                summary.tokens_encoded += sum(t.size + 1 for t in batch)
                 for tokens in batch:
                     if summary.tokens >= cap:
                         return
@@ -531,15 +534,23 @@ def _build(folder: str, cfg: PrepConfig, sources: Sequence[_Source], summary: Pr
     summary.bytes = _folder_bytes(folder)
 
 
-def _needed_bytes(folder: str, sources: Sequence[_Source], summary: PrepSummary):
-    """A function estimating, when the disk fills, the bytes the whole output needs: what was written so far,
-    scaled by the share of the input read (None when the input size is unknown, as for saved datasets)."""
+def _needed_bytes(folder: str, cfg: PrepConfig, sources: Sequence[_Source], summary: PrepSummary):
+    """A function estimating, when the disk fills, the bytes the whole output needs: the tokens encoded so far,
+    scaled by the share of the input read, times the bytes per token written so far (4, an int32, plus the MDS
+    overhead, before the first document is complete). None when the input size is unknown (saved datasets)."""
     if any(s.kind == 'hf' for s in sources):
         return lambda: None
+
     def estimate() -> Optional[int]:
+        if not summary.input_bytes_read or not summary.tokens_encoded:
+            return None
         total = sum(_file_size(s.path) for s in sources)
+        tokens = summary.tokens_encoded * max(1.0, total / summary.input_bytes_read)
+        if cfg.max_tokens is not None:
+            tokens = min(tokens, cfg.max_tokens)
         written = _folder_bytes(folder) if os.path.isdir(folder) else 0
-        return int(written * total / summary.input_bytes_read) if summary.input_bytes_read and written else None
+        per_token = written / summary.tokens if summary.tokens and written else 4 * (1 + 2 / cfg.max_seq_len)
+        return int(tokens * per_token)
 
     return estimate
 
@@ -550,7 +561,7 @@ def _prep_local(cfg: PrepConfig, summary: PrepSummary) -> None:
         with atomic_output(cfg.out, command=COMMAND, overwrite=cfg.overwrite, is_dir=True, inputs=_input_paths(cfg),
                            inputs_contain_out=True, option='--out', needed_bytes=lambda: estimate[0]()) as folder:
             sources = _plan_sources(cfg)
-            estimate[0] = _needed_bytes(str(folder), sources, summary)
+            estimate[0] = _needed_bytes(str(folder), cfg, sources, summary)
             _build(str(folder), cfg, sources, summary)
     except OutputError as e:
         raise PrepError(str(e)) from None
@@ -567,8 +578,11 @@ def _prep_remote(cfg: PrepConfig, summary: PrepSummary) -> None:
     folder = temporary_sibling(stage)
     folder.mkdir()  # mkdir, not mkdtemp: the umask's permissions, as for a local output
     try:
-        uploaders = _uploaders(str(folder), cfg.out, cfg.splits)
-        client = getattr(uploaders['train'], 's3', None) if cfg.out.startswith('s3://') else None
+        # One uploader checks the bucket and the credentials before any work; S3 needs no more (its client does
+        # the rest), other stores get one per split.
+        is_s3 = cfg.out.startswith('s3://')
+        uploaders = _uploaders(str(folder), cfg.out, ('train',) if is_s3 else cfg.splits)
+        client = getattr(uploaders['train'], 's3', None) if is_s3 else None
         s3 = S3Output(cfg.out, client, COMMAND) if client is not None else None
         with s3.lock() if s3 is not None else contextlib.nullcontext():
             if s3 is not None:
@@ -576,7 +590,7 @@ def _prep_remote(cfg: PrepConfig, summary: PrepSummary) -> None:
             else:
                 _check_other_remote(uploaders['train'], cfg.out)
             sources = _plan_sources(cfg)
-            with disk_full_as_error(folder, _needed_bytes(str(folder), sources, summary),
+            with disk_full_as_error(folder, _needed_bytes(str(folder), cfg, sources, summary),
                                     cleanup=lambda: shutil.rmtree(folder, ignore_errors=True)):
                 _build(str(folder), cfg, sources, summary)
                 write_marker(folder, COMMAND)

@@ -10,7 +10,10 @@ the store gone, the process killed) leaves the old dataset whole or no dataset, 
    old index, or a cache of old shards, never reads a new shard in an old one's place;
 3. ``train/index.json`` is replaced (one PUT: readers see the old index or the new one), then the new
    ``val/index.json`` is uploaded;
-4. the marker, then the old shards are deleted.
+4. the old shards are deleted, and the marker is made to list only the new objects.
+
+A marker listing the old and the new objects goes up before step 1, so that whatever a failure leaves behind is
+recognised, by the next run, as prep-data's own.
 
 Before any of that a lock object (``.foundry-dbrx.lock``, created with ``If-None-Match: *`` so that only one
 writer can create it) keeps two prep-data runs from writing the same prefix, and what is already there is checked
@@ -32,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from foundry_dbrx.outputs import MARKER, pid_alive, write_marker
+from foundry_dbrx.outputs import MARKER, marker_text, pid_alive, write_marker
 
 __all__ = ['redact', 'S3Output', 'INDEX']
 
@@ -128,7 +131,8 @@ class S3Output:
 
     def check(self, overwrite: bool) -> list[str]:
         """What an overwrite will replace (names relative to the prefix; empty when there is nothing), after the
-        same rules as a local ``--out``."""
+        same rules as a local ``--out``. The remains of an interrupted run (its marker, no ``train/index.json``)
+        hold no dataset anyone can read, and are replaced without ``--overwrite``."""
         names = [n for n in self.list() if n != LOCK]
         if not names:
             return []
@@ -147,7 +151,10 @@ class S3Output:
             raise RemoteError(f'--out {self.out} holds an earlier prep-data dataset plus {len(foreign)} object(s) it '
                               f'did not write ({listed}); --overwrite would delete them: choose another prefix or '
                               'remove them yourself')
-        if not overwrite:
+        if f'train/{INDEX}' not in names:
+            log.warning('%s: replacing the %d object(s) an interrupted prep-data left (no train/%s)', self.out,
+                        len(names), INDEX)
+        elif not overwrite:
             raise RemoteError(f'--out {self.out} already holds a dataset (train/{INDEX}); pass --overwrite to '
                               'replace it')
         return names
@@ -160,11 +167,21 @@ class S3Output:
         except Exception as e:
             raise self._fail(f'uploading {name} failed', e) from None
 
+    def _put_bytes(self, data: bytes, name: str) -> None:
+        extra = {'ACL': os.environ['S3_CANNED_ACL']} if os.environ.get('S3_CANNED_ACL') else {}
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self.key(name), Body=data, **extra)
+        except Exception as e:
+            raise self._fail(f'uploading {name} failed', e) from None
+
     def _delete(self, keys: Sequence[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             chunk = keys[start:start + 1000]
-            response = self.s3.delete_objects(Bucket=self.bucket,
-                                              Delete={'Objects': [{'Key': k} for k in chunk], 'Quiet': True})
+            try:
+                response = self.s3.delete_objects(Bucket=self.bucket,
+                                                  Delete={'Objects': [{'Key': k} for k in chunk], 'Quiet': True})
+            except Exception as e:
+                raise self._fail(f'deleting {chunk[0]} failed', e) from None
             errors = response.get('Errors') or []
             if errors:
                 raise RemoteError(redact(f'--out {self.out}: could not delete {errors[0].get("Key")}: '
@@ -185,6 +202,10 @@ class S3Output:
             _tag_shards(folder, splits, uuid.uuid4().hex[:8])
             write_marker(Path(folder), self.command)
         shards = [f'{s}/{n}' for s in splits for n in sorted(os.listdir(os.path.join(folder, s))) if n != INDEX]
+        new = set(shards) | {f'{s}/{INDEX}' for s in splits}
+        # First a marker that lists the old objects and the new ones: whatever a failure leaves is recognised as
+        # prep-data's own by the next run, which may then replace it.
+        self._put_bytes(marker_text(self.command, sorted(set(old) - {MARKER} | new)).encode(), MARKER)
         if f'val/{INDEX}' in old:
             self._delete([self.key(f'val/{INDEX}')])
         for name in shards:
@@ -193,9 +214,8 @@ class S3Output:
             if split in splits:
                 self._put(os.path.join(folder, split, INDEX), f'{split}/{INDEX}')
                 self._swapped = True
+        self._delete([self.key(n) for n in old if n not in new and n != MARKER])
         self._put(os.path.join(folder, MARKER), MARKER)
-        new = set(shards) | {f'{s}/{INDEX}' for s in splits} | {MARKER}
-        self._delete([self.key(n) for n in old if n not in new])
 
 
 def _tag_shards(folder: str, splits: Sequence[str], tag: str) -> None:

@@ -14,6 +14,7 @@ Exports refuse non-finite weights and a cast to float16 that would overflow.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -227,7 +228,7 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
                 for k in keys:
                     tensors[k] = _checked_cast(tensors[k], dtype, k, where).contiguous()
                     weight_map[k] = name
-                save_file(tensors, tmp / name, metadata={'format': 'pt'})  # transformers requires format=pt
+                _save_safetensors(save_file, tensors, tmp / name)
                 bar.update(sum(t.nbytes for t in tensors.values()))
                 del tensors
         if len(shards) > 1:
@@ -247,6 +248,17 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     log.info('wrote %s (%d shard(s), %.1f MB)', out_dir, len(shards), total / 1e6)
     return out_dir
+
+
+def _save_safetensors(save_file: Any, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, path, metadata={'format': 'pt'})  # transformers requires format=pt
+    except Exception as e:
+        # safetensors writes from Rust and reports a full disk as a SafetensorError quoting the OS error; give it
+        # back its errno, so that it reads as the disk-full error it is.
+        if 'os error 28' in str(e) or 'StorageFull' in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
 
 
 def _export_config(ckpt: PathLike, config: Union[None, PathLike, DbrxConfig],
