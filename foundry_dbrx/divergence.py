@@ -91,10 +91,10 @@ class DivergenceGuard(Callback):
         norm_sq, any_bad_loss = flags.tolist()
         norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) and norm_sq >= 0 else norm_sq
         if any_bad_loss or not math.isfinite(norm):
-            what = [f'loss {k} is {v}' for k, v in bad_loss.items()] or (
-                ['a loss on another rank is non-finite'] if any_bad_loss else [])
+            what = (['loss ' + ', '.join(f'{k}={v}' for k, v in bad_loss.items())] if bad_loss else
+                    ['a loss on another rank is non-finite'] if any_bad_loss else [])
             if grad_sq is not None and not math.isfinite(norm):
-                what.append(f'gradient norm is {norm}')
+                what.append(f'gradient norm={norm}')
             self._stop(state, int(state.timestamp.batch) + 1, ', '.join(what),
                        'stopped before the optimizer step, so the weights are still those of the step before')
 
@@ -102,7 +102,7 @@ class DivergenceGuard(Callback):
         # Composer has averaged the losses over ranks already: every rank sees the same values here.
         bad = {k: v for k, v in (state.total_loss_dict or {}).items() if not math.isfinite(v)}
         if bad:
-            what = ', '.join(f'{k} is {v}' for k, v in bad.items())
+            what = ', '.join(f'{k}={v}' for k, v in bad.items())
             self._stop(state, int(state.timestamp.batch), what,
                        'stopped before this step is checkpointed')
 
