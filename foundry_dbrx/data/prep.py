@@ -659,8 +659,9 @@ def run(args: argparse.Namespace) -> int:
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepConfig)}
         values['inputs'] = tuple(values['inputs'])
         summary = prep_data(PrepConfig(**values))
-    except PrepError as e:
-        print(f'foundry-dbrx prep-data: error: {redact(str(e))}', file=sys.stderr)
+    except (PrepError, OutputError, OSError) as e:  # one line naming the file, no traceback
+        message = f'{e.filename}: {e.strerror}' if isinstance(e, OSError) and e.filename else str(e)
+        print(f'foundry-dbrx prep-data: error: {redact(message)}', file=sys.stderr)
         return 1
     print('\n'.join(summary.lines()), flush=True)
     return 0

@@ -89,12 +89,20 @@ class S3Output:
         """Holds ``OUT/.foundry-dbrx.lock`` for the block. A lock left by a dead process of this host is replaced
         (and reported); any other one is an error saying who holds it and how to remove it."""
         body = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time()}).encode()
+        locked = False
         for attempt in range(2):
             try:
                 self.s3.put_object(Bucket=self.bucket, Key=self.key(LOCK), Body=body, IfNoneMatch='*')
+                locked = True
                 break
             except Exception as e:
-                if _error_code(e) not in ('PreconditionFailed', '412', 'ConditionalRequestConflict'):
+                code = _error_code(e)
+                if code in ('NotImplemented', '501'):
+                    # Stores without conditional writes (older MinIO, Ceph): no lock, as before it existed.
+                    log.warning('%s: the store does not support conditional writes (If-None-Match), so nothing '
+                                'keeps another prep-data from writing this prefix at the same time', self.out)
+                    break
+                if code not in ('PreconditionFailed', '412', 'ConditionalRequestConflict'):
                     raise self._fail(f'cannot create the lock object {LOCK}', e) from None
                 holder = self._read_json(LOCK) or {}
                 if attempt == 0 and holder.get('host') == socket.gethostname() and not pid_alive(holder.get('pid')):
@@ -108,8 +116,9 @@ class S3Output:
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
-                self._delete([self.key(LOCK)])
+            if locked:
+                with contextlib.suppress(Exception):
+                    self._delete([self.key(LOCK)])
 
     # ------------------------------------------------------------------------------------------------- reading
     def _read_json(self, name: str) -> Optional[dict]:

@@ -56,13 +56,20 @@ class NonFiniteWeightsError(ValueError):
     """A weight is NaN or infinite, or becomes infinite when cast to the output dtype."""
 
 
+def _count_non_finite(t: torch.Tensor, chunk: int = 1 << 18) -> int:
+    """How many elements of ``t`` are NaN or infinite, looked at in chunks: the temporaries stay small (a whole
+    -tensor ``isfinite`` tripled the peak memory of a streamed export)."""
+    flat = t.reshape(-1)
+    return sum(int(torch.isfinite(part).logical_not_().sum()) for part in flat.split(chunk))
+
+
 def _checked_cast(t: torch.Tensor, dtype: Optional[torch.dtype], key: str, where: str,
                   refuse_non_finite: bool = True) -> torch.Tensor:
     """``t`` in ``dtype``, after checking that it is finite (unless told not to) and that the cast does not turn a
     finite value into an infinite one."""
     if not t.is_floating_point():
         return t if dtype is None else t.to(dtype)
-    bad = int((~torch.isfinite(t)).sum()) if refuse_non_finite else 0
+    bad = _count_non_finite(t) if refuse_non_finite else 0
     if bad:
         raise NonFiniteWeightsError(f'{where}: {key} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()}; '
                                     'refusing to export non-finite weights (the run diverged before this '
