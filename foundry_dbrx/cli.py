@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     'prep-data': ('foundry_dbrx.data.prep', 'tokenize text into MDS shards that LLM Foundry\'s text loader reads'),
     'train': ('foundry_dbrx.train', 'train from a YAML (same as python -m foundry_dbrx.train)'),
-    'convert': ('foundry_dbrx.hf', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR'),
+    'convert': ('foundry_dbrx.hf.cli', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR'),
     'plan': ('foundry_dbrx.plan', 'per-GPU memory, FLOPs and microbatch size of a training YAML on N GPUs'),
 }
 

@@ -96,11 +96,12 @@ class ComposerDbrxCausalLM(ComposerModel):
         if init_device not in ('cpu', 'cuda', 'meta', 'mixed'):
             raise ValueError(f"init_device ({init_device!r}) must be one of ['cpu', 'cuda', 'meta', 'mixed']")
         device = 'meta' if init_device == 'mixed' else init_device
-        self.model = attach_composer_hooks(DbrxForCausalLM(self.config, self.training_config, device=device),
-                                           self.training_config)
+        model = DbrxForCausalLM(self.config, self.training_config, device=device)
+        init_fn = None
         if pretrained_hf_dir is not None:
             from foundry_dbrx.hf import load_pretrained_hf
-            load_pretrained_hf(self.model, pretrained_hf_dir)  # now, or module by module as FSDP materialises meta
+            init_fn = load_pretrained_hf(model, pretrained_hf_dir)  # now, or as FSDP materialises meta modules
+        self.model = attach_composer_hooks(model, self.training_config, param_init_fn=init_fn)
         self.tokenizer = tokenizer
         counts = self.config.num_params()
         self.n_active_params = counts['active']

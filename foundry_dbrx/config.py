@@ -77,7 +77,7 @@ def _reject_unknown(cls: type, values: Mapping[str, Any], where: str, ignored: f
     missing = [f.name for f in fields
                if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError(f'{where}: missing required key(s) {missing}: architecture sizes have no default '
+        raise ValueError(f'{where}: missing required key(s) {missing}: architecture fields have no default '
                          '(give them in the YAML, or start from an HF config with pretrained_hf_dir)')
     return {k: v for k, v in values.items() if k in known}
 

@@ -2,7 +2,8 @@
 ``composer -n N -m foundry_dbrx.train YAML``).
 
 A thin layer over LLM Foundry's ``train``: it makes sure foundry-dbrx's registrations exist even where the
-package is only on ``PYTHONPATH`` (no entry points), adds the run-summary callback, then hands over.
+package is only on ``PYTHONPATH`` (no entry points), adds the run-summary and divergence-guard callbacks, then hands
+over. A diverging run ends with one line naming the step (exit status 1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(yaml_path: str, overrides: Sequence[str] = ()):
-    """The YAML with command-line overrides merged in, plus the run-summary callback."""
+    """The YAML with command-line overrides merged in, plus the run-summary and divergence-guard callbacks."""
     from omegaconf import OmegaConf as om
 
     if not os.path.isfile(yaml_path):
@@ -33,7 +34,7 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
     if overrides:
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
     callbacks = cfg.get('callbacks') or {}
-    for name in ('dbrx_run_summary', 'dbrx_parallelize'):
+    for name in ('dbrx_run_summary', 'dbrx_divergence_guard', 'dbrx_parallelize'):
         if name not in callbacks:
             callbacks = om.merge(callbacks, {name: {}})
     cfg.callbacks = callbacks
@@ -52,13 +53,19 @@ def run(args: argparse.Namespace) -> int:
 
     from foundry_dbrx.registry import register_all
 
+    from foundry_dbrx.divergence import DivergenceError
+
     register_all()
     cfg = load_config(args.yaml, args.overrides)
     if _wants_fsdp2(cfg) and os.environ.get('FSDP_VERSION', '1') != '2':
         # Composer 0.32 picks FSDP2 from this variable when it builds the Trainer, after this point.
         os.environ['FSDP_VERSION'] = '2'
         print('[foundry-dbrx] expert parallelism / replication: FSDP2 (FSDP_VERSION=2)', flush=True)
-    train(cfg)
+    try:
+        train(cfg)
+    except DivergenceError as e:
+        print(f'foundry-dbrx train: error: {e}', file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

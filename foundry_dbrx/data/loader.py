@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from llmfoundry.data.text_data import StreamingTextDataset
 
+from foundry_dbrx.data.remote import redact
+
 __all__ = ['ShardUnavailableError', 'StrictStreamingTextDataset', 'build_dbrx_text_dataloader']
 
 
@@ -59,18 +61,20 @@ class StrictStreamingTextDataset(StreamingTextDataset):
 
     def _forget_bad_copy(self, error: BaseException) -> None:
         # Streaming checks hashes only when it downloads: a corrupt file left in the cache would be read, unchecked,
-        # by the next run, even after the remote copy is fixed.
+        # by the next run, even after the remote copy is fixed. Only a copy that can be fetched again goes: a stream
+        # without a remote (remote: null) reads the dataset itself, and its files are the only copy.
         message = str(error)
         if isinstance(error, ValueError) and message.startswith(_CHECKSUM_FAILURE):
             path = os.path.realpath(message[len(_CHECKSUM_FAILURE):])
-            caches = [os.path.realpath(s.local) for s in self.streams]
+            caches = [os.path.realpath(s.local) for s in self.streams
+                      if s.remote and os.path.realpath(s.remote) != os.path.realpath(s.local)]
             if os.path.isfile(path) and any(path.startswith(c + os.sep) for c in caches):
                 os.remove(path)
 
     def _failure(self, error: BaseException) -> ShardUnavailableError:
         where = ', '.join(f'{s.remote or s.local}/{s.split or ""}'.rstrip('/') for s in self.streams)
-        return ShardUnavailableError(f'streaming {where} failed, so training stops instead of skipping samples: '
-                                     f'{type(error).__name__}: {error}')
+        return ShardUnavailableError(redact(f'streaming {where} failed, so training stops instead of skipping '
+                                            f'samples: {type(error).__name__}: {error}'))
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         from streaming.base.constant import TICK
