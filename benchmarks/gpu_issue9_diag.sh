@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9, first GPU call (nvidia-h200-x2): why 2 H200s keep only 74% of one H200's tokens/s per GPU.
-# On the GPU box:   source .gpu/prelude.sh && bash benchmarks/gpu_issue9_diag.sh        (about 8 minutes)
+# On the GPU box:   source .gpu/prelude.sh && bash benchmarks/gpu_issue9_diag.sh        (8 to 9 minutes)
 # Hypotheses and what each row answers: benchmarks/NOTES-issue9.md. Every case is `benchmarks/train_step.py` on
 # the issue's small configuration (d 2048, 8 layers, 16 experts top-4, seq 2048, 32 x 2048 tokens per GPU,
 # microbatch 8, FSDP FULL_SHARD + PURE + amp_bf16); a case that fails is reported and the next one runs. Nothing
@@ -60,6 +60,8 @@ bench 50 --nproc 2 --label nccl_high_priority --baseline AC --env TORCH_NCCL_HIG
 # E. One microbatch per step (8 x 2048 tokens per GPU), 1 and 2 GPUs, checkpointing on: FSDP then moves the
 #    model once per step instead of four times.
 bench 100 --nproc 1,2 --ac-without-fsdp --label AC_1_microbatch --arch batch_per_gpu=8
+# F. Not a scaling question, a first look at a new path: the chunked cross entropy (no [T, V] logits), 2 GPUs.
+bench 50 --nproc 2 --label fused_CE --baseline AC --variant model.fused_cross_entropy=true
 
 echo "== NCCL transport (case A, 2 GPUs)"
 grep -hE "via (P2P|SHM|NET)|NVLS|nRanks 2|comm 0x" "$work"/bench/*2gpu-AC/log*.txt 2>/dev/null \
