@@ -48,14 +48,14 @@ def test_case_yaml(bench, tmp_path):
         bench.case_yaml('dbrx', small, 2, '/d', str(tmp_path), warmup=1, steps=1, profile_steps=0, variants=['x'])
 
 
-def test_flops_convention_matches_the_composer_model(bench):
+def test_flops_convention_matches_the_composer_model(bench, tmp_path):
     import torch
 
     from foundry_dbrx.composer_model import ComposerDbrxCausalLM
 
     arch = bench.SIZES['tiny']
-    model_cfg = bench.model_section('dbrx', arch, use_train_metrics=False)
-    model = ComposerDbrxCausalLM(**model_cfg, init_device='meta')
+    model_cfg = bench.case_yaml('dbrx', arch, 2, '/d', str(tmp_path), warmup=1, steps=1, profile_steps=0)['model']
+    model = ComposerDbrxCausalLM(**{k: v for k, v in model_cfg.items() if k != 'name'})
     batch = {'input_ids': torch.zeros(2, arch.seq_len, dtype=torch.long)}
     assert bench.flops_per_token(arch) * 2 * arch.seq_len == model.flops_per_batch(batch)
 
