@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9, first GPU call (nvidia-h200-x2): why 2 H200s keep only 74% of one H200's tokens/s per GPU.
-# On the GPU box:   source .gpu/prelude.sh && bash benchmarks/gpu_issue9_diag.sh        (about 8 minutes)
+# On the GPU box:   source .gpu/prelude.sh && bash benchmarks/gpu_issue9_diag.sh        (8 to 9 minutes)
 # Hypotheses and what each row answers: benchmarks/NOTES-issue9.md. Every case is `benchmarks/train_step.py` on
 # the issue's small configuration (d 2048, 8 layers, 16 experts top-4, seq 2048, 32 x 2048 tokens per GPU,
 # microbatch 8, FSDP FULL_SHARD + PURE + amp_bf16); a case that fails is reported and the next one runs. Nothing
@@ -57,9 +57,14 @@ bench 110 --nproc 1,2 --label no_AC --variant fsdp_config.activation_checkpointi
 bench 50 --nproc 2 --label FSDP2 --baseline AC --env FSDP_VERSION=2
 # D. NCCL on high-priority streams: its kernels go first when both wait for SMs.
 bench 50 --nproc 2 --label nccl_high_priority --baseline AC --env TORCH_NCCL_HIGH_PRIORITY=1
+# G. The load-balancing loss over this rank's tokens only: the default (training.moe_lb_loss_scope: global) adds two
+#    small all-reduces per microbatch (forward and backward), each a point where the ranks wait for each other.
+bench 50 --nproc 2 --label lb_loss_local --baseline AC --variant model.training.moe_lb_loss_scope=local
 # E. One microbatch per step (8 x 2048 tokens per GPU), 1 and 2 GPUs, checkpointing on: FSDP then moves the
 #    model once per step instead of four times.
 bench 100 --nproc 1,2 --ac-without-fsdp --label AC_1_microbatch --arch batch_per_gpu=8
+# F. Not a scaling question, a first look at a new path: the chunked cross entropy (no [T, V] logits), 2 GPUs.
+bench 50 --nproc 2 --label fused_CE --baseline AC --variant model.training.fused_cross_entropy=true
 
 echo "== NCCL transport (case A, 2 GPUs)"
 grep -hE "via (P2P|SHM|NET)|NVLS|nRanks 2|comm 0x" "$work"/bench/*2gpu-AC/log*.txt 2>/dev/null \

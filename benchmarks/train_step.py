@@ -54,6 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_YAML = ROOT / 'yamls' / 'dbrx-gpu-small.yaml'
 PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM and H200 (the same tensor cores)
 MODELS = ('dbrx', 'mpt_mb_dmoe', 'mpt_dbrx_moe')
+# One process gets no FSDP from LLM Foundry, so no meta-device init either: the model is built and initialised on
+# the CPU (about 36 s for 3.3B parameters: CPU normal_ is serial). These registered subclasses, used for 1-process
+# cases on a GPU, build it on the GPU instead (`init_device: cpu` read as cuda); the trained model is the same.
+GPU_INIT = {'dbrx': 'bench_gpu_init_dbrx', 'mpt_causal_lm': 'bench_gpu_init_mpt_causal_lm',
+            'mpt_dbrx_moe': 'bench_gpu_init_mpt_dbrx_moe'}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -134,9 +139,11 @@ def total_steps(warmup: int, steps: int, profile_steps: int) -> int:
 
 def case_yaml(model: str, arch: Arch, nproc: int, data_dir: str, case_dir: str, *, warmup: int, steps: int,
               profile_steps: int, variants: Sequence[str] = (), on_gpu: bool = True, use_train_metrics: bool = False,
-              ac_without_fsdp: bool = False, log_level: str = 'warning', peak_tflops: float = PEAK_TFLOPS) -> dict:
+              ac_without_fsdp: bool = False, log_level: str = 'warning', peak_tflops: float = PEAK_TFLOPS,
+              gpu_init: bool = True) -> dict:
     """The training config of one case, as a plain dict: the base YAML resized, no checkpoints, no eval, the step
-    timer as the only callback; ``variants`` (``key=value`` dot-lists) are merged last."""
+    timer as the only callback; ``variants`` (``key=value`` dot-lists) are merged last. ``gpu_init``: one process
+    on a GPU builds the model there (see ``GPU_INIT``)."""
     from omegaconf import OmegaConf as om
 
     base = om.load(BASE_YAML)
@@ -166,6 +173,9 @@ def case_yaml(model: str, arch: Arch, nproc: int, data_dir: str, case_dir: str, 
             'ac_without_fsdp': ac_without_fsdp}},
     )
     cfg['train_loader']['num_workers'] = 2 if on_gpu else 0
+    if on_gpu and nproc == 1 and gpu_init:
+        cfg['model']['name'] = GPU_INIT[cfg['model'].get('name', 'dbrx')]
+        cfg['model']['init_device'] = 'cpu'  # what LLM Foundry turns meta into without FSDP; GPU_INIT takes it on
     if not on_gpu:  # a CPU try-out of the benchmark itself: no FSDP, fp32
         cfg.pop('fsdp_config', None)
         cfg['precision'] = 'fp32'
@@ -295,7 +305,7 @@ def table(rows: Sequence[dict]) -> str:
     """Markdown table of the rows; "vs 1 GPU" is tokens/s per GPU over that of the 1-GPU row of the same model and
     size with the row's baseline label (its own label unless ``--baseline`` named another; else ``default``)."""
     head = ('| label | model | size | GPUs | tok/s/GPU | vs 1 GPU | MFU | step s | peak alloc GB | peak resv GB '
-            '| FSDP | AC | startup s: build / trainer / 1st step | status |')
+            '| FSDP | AC | startup s: imports / build / trainer / 1st step | status |')
     lines = [head, '|' + '---|' * (head.count('|') - 1)]
     one = {(r['label'], r['model'], r['size']): r for r in rows if r.get('nproc') == 1 and r.get('status') == 'ok'}
     for r in rows:
@@ -304,7 +314,8 @@ def table(rows: Sequence[dict]) -> str:
             one.get(('default', r['model'], r['size']))
         ratio = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}" if ok and base else '-'
         st = r.get('startup_s') or {}
-        startup = ' / '.join(_fmt(st.get(k), '.0f') for k in ('model_and_data', 'trainer_init', 'first_step'))
+        startup = ' / '.join(_fmt(st.get(k), '.0f') for k in ('imports_and_config', 'model_and_data', 'trainer_init',
+                                                              'first_step'))
         lines.append('| ' + ' | '.join([
             r['label'], r['model'], r['size'], str(r['nproc']),
             _fmt(r.get('tokens_per_s_per_gpu'), ',.0f'), ratio,
@@ -338,6 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help='1-process cases: checkpoint every block as FSDP would (LLM Foundry drops fsdp_config, and '
                         'with it activation checkpointing, at world size 1)')
     p.add_argument('--train-metrics', action='store_true', help='compute train metrics (off by default)')
+    p.add_argument('--cpu-init', dest='gpu_init', action='store_false',
+                   help='1-process cases: build the model on the CPU, as LLM Foundry does (default: on the GPU)')
     p.add_argument('--out', required=True, help='results folder (results.jsonl is appended to)')
     p.add_argument('--data-root', default=None, help='where prepared data is kept (default: a temp folder, reused)')
     p.add_argument('--data-max-tokens', type=int, default=None, help='prepare only this many tokens (CPU try-outs)')
@@ -398,10 +411,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 profile_steps=profile_steps, variants=args.variant, on_gpu=on_gpu,
                                 use_train_metrics=args.train_metrics,
                                 ac_without_fsdp=args.ac_without_fsdp and nproc == 1, log_level=args.log_level,
-                                peak_tflops=args.peak_tflops)
+                                peak_tflops=args.peak_tflops, gpu_init=args.gpu_init)
                 case = {'label': label, 'baseline': args.baseline, 'model': model, 'size': size, 'nproc': nproc,
                         'arch': dataclasses.asdict(arch), 'variants': args.variant, 'env': env,
-                        'case_dir': str(case_dir)}
+                        'case_dir': str(case_dir), 'yaml_model': cfg['model'].get('name', 'dbrx')}
                 if args.dry_run:
                     import yaml
                     case_dir.mkdir(parents=True, exist_ok=True)
@@ -550,6 +563,20 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _gpu_init_model(cls):
+    """``cls`` built on the GPU where it is asked for the CPU (``GPU_INIT``)."""
+    import torch
+
+    class GpuInit(cls):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get('init_device') == 'cpu' and torch.cuda.is_available():
+                kwargs['init_device'] = 'cuda'
+            super().__init__(*args, **kwargs)
+
+    GpuInit.__name__ = GpuInit.__qualname__ = f'{cls.__name__}GpuInit'
+    return GpuInit
+
+
 def _define_callback():
     from composer.core import Callback, State
     from composer.loggers import Logger
@@ -594,14 +621,16 @@ def _define_callback():
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
                 CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
 
-            owners = [m for m in model.modules() if callable(getattr(m, 'activation_checkpointing_fn', None))]
-            if not owners:
+            # The outermost module that names its checkpointing units (modules() is pre-order): wrapping twice
+            # would nest wrappers.
+            owner = next((m for m in model.modules() if callable(getattr(m, 'activation_checkpointing_fn', None))),
+                         None)
+            if owner is None:
                 raise RuntimeError('ac_without_fsdp: no module of the model has activation_checkpointing_fn')
-            for m in owners:
-                apply_activation_checkpointing(
-                    m, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
+            apply_activation_checkpointing(
+                owner, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
                                                                checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-                    check_fn=m.activation_checkpointing_fn)
+                check_fn=owner.activation_checkpointing_fn)
 
         def fit_start(self, state: State, logger: Logger) -> None:
             self.t['fit_start'] = time.time()
@@ -737,7 +766,9 @@ if __name__ == '__main__':
 elif __name__ == 'python_code':
     # Imported by LLM Foundry's train through the YAML's code_paths (llmfoundry.utils.registry_utils.import_file
     # names the module 'python_code'): register the callback there, and nowhere else (tests import this file too).
-    from llmfoundry.registry import callbacks as _callbacks
+    from llmfoundry import registry as _registry
 
     StepTimer = _define_callback()
-    _callbacks.register('bench_step_timer', func=StepTimer)
+    _registry.callbacks.register('bench_step_timer', func=StepTimer)
+    for _name, _bench_name in GPU_INIT.items():
+        _registry.models.register(_bench_name, func=_gpu_init_model(_registry.models.get(_name)))

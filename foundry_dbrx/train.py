@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(yaml_path: str, overrides: Sequence[str] = ()):
-    """The YAML with command-line overrides merged in, plus the run-summary and divergence-guard callbacks."""
+    """The YAML with command-line overrides merged in, plus the run-summary and divergence-guard callbacks and,
+    for the dbrx model, the ``dbrx_parallelize`` callback."""
     from omegaconf import OmegaConf as om
 
     if not os.path.isfile(yaml_path):
@@ -34,7 +35,10 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
     if overrides:
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
     callbacks = cfg.get('callbacks') or {}
-    for name in ('dbrx_run_summary', 'dbrx_divergence_guard', 'dbrx_parallelize'):
+    added = ['dbrx_run_summary', 'dbrx_divergence_guard']
+    if (cfg.get('model') or {}).get('name', 'dbrx') == 'dbrx':
+        added.append('dbrx_parallelize')  # the dbrx model's plan; other models (mpt_dbrx_moe) keep Composer's
+    for name in added:
         if name not in callbacks:
             callbacks = om.merge(callbacks, {name: {}})
     cfg.callbacks = callbacks

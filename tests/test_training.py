@@ -65,3 +65,13 @@ def test_loss_falls_then_resume_continues_identically(corpus, tmp_path):
     assert sorted(resumed_losses) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in range(SAVE_AT + 1, STEPS + 1):
         assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step
+
+
+def test_load_config_adds_the_dbrx_plan_to_dbrx_models_only(tmp_path):
+    """`foundry-dbrx train` adds `dbrx_parallelize` to dbrx runs; an MPT run (mpt_dbrx_moe) would fail with it."""
+    from foundry_dbrx.train import load_config
+
+    dbrx = load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'))
+    assert {'dbrx_run_summary', 'dbrx_parallelize'} <= set(dbrx.callbacks)
+    mpt = load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'), ['model.name=mpt_dbrx_moe'])
+    assert 'dbrx_run_summary' in mpt.callbacks and 'dbrx_parallelize' not in mpt.callbacks
