@@ -182,14 +182,43 @@ def _needs_fsdp2_plan(training: DbrxTrainingConfig) -> bool:
 class DbrxParallelize(Callback):
     """Composer callback (registered as ``dbrx_parallelize``) that applies the FSDP2 plan at ``Event.INIT``.
 
-    ``foundry-dbrx train`` adds it to every run; a YAML run by ``llmfoundry train`` lists it under
+    ``foundry-dbrx train`` adds it to every dbrx run; a YAML run by ``llmfoundry train`` lists it under
     ``callbacks: {dbrx_parallelize: {}}``. Without expert parallelism or replication it does nothing (Composer's
     own FSDP1 or FSDP2 wrapping applies, with the hooks of :func:`attach_composer_hooks`).
+
+    Args:
+        activation_checkpointing: checkpoint activations (what ``training.activation_checkpointing`` names) where
+            Composer does not: with no FSDP config, which LLM Foundry drops on a single process ("FSDP is not
+            applicable for single-GPU training"), taking the YAML's ``fsdp_config.activation_checkpointing`` with
+            it. ``foundry-dbrx train`` passes the YAML's setting, so one GPU does the work of many.
     """
+
+    def __init__(self, activation_checkpointing: bool = False):
+        self.activation_checkpointing = activation_checkpointing
 
     def run_event(self, event: Event, state, logger) -> None:
         if event == Event.INIT:
             parallelize_for_composer(state)
+            if self.activation_checkpointing and state.fsdp_config is None:
+                apply_activation_checkpointing_without_fsdp(state.model)
+
+
+def apply_activation_checkpointing_without_fsdp(composer_model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the modules the dbrx model's ``activation_checkpointing_fn`` names
+    (Composer applies it only through its FSDP config)."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+    model = getattr(composer_model, 'model', None)
+    if not isinstance(model, DbrxForCausalLM):
+        return
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=model.activation_checkpointing_fn)
+    log.info('dbrx_parallelize: activation checkpointing (%s) without FSDP',
+             model.training_config.activation_checkpointing)
 
 
 def parallelize_for_composer(state) -> None:

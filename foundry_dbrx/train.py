@@ -41,6 +41,11 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
     for name in added:
         if name not in callbacks:
             callbacks = om.merge(callbacks, {name: {}})
+    fsdp = cfg.get('fsdp_config') or {}
+    if 'dbrx_parallelize' in callbacks and fsdp.get('activation_checkpointing') and \
+            'activation_checkpointing' not in (callbacks.get('dbrx_parallelize') or {}):
+        # LLM Foundry drops fsdp_config on one process, and activation checkpointing with it: keep the YAML's intent
+        callbacks = om.merge(callbacks, {'dbrx_parallelize': {'activation_checkpointing': True}})
     cfg.callbacks = callbacks
     return cfg
 
