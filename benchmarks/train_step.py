@@ -619,7 +619,10 @@ def _define_callback():
             import functools
 
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+                CheckpointImpl, CheckpointWrapper, apply_activation_checkpointing, checkpoint_wrapper)
+
+            if any(isinstance(m, CheckpointWrapper) for m in model.modules()):
+                return  # foundry-dbrx train's dbrx_parallelize did it already (the YAML asks for checkpointing)
 
             # The outermost module that names its checkpointing units (modules() is pre-order): wrapping twice
             # would nest wrappers.

@@ -208,12 +208,12 @@ def apply_activation_checkpointing_without_fsdp(composer_model: nn.Module) -> No
     (Composer applies it only through its FSDP config)."""
     import functools
 
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl, CheckpointWrapper,
                                                                              apply_activation_checkpointing,
                                                                              checkpoint_wrapper)
     model = getattr(composer_model, 'model', None)
-    if not isinstance(model, DbrxForCausalLM):
-        return
+    if not isinstance(model, DbrxForCausalLM) or any(isinstance(m, CheckpointWrapper) for m in model.modules()):
+        return  # not ours, or already checkpointed (wrapping twice would recompute twice)
     apply_activation_checkpointing(
         model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
         check_fn=model.activation_checkpointing_fn)
