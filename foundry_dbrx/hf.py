@@ -20,6 +20,12 @@ HF shard at a time through a shared memory map that is dropped after each shard;
 tensors of the output shard being written (memory-mapped ``.pt``, or per-key reads of the sharded folder). Peak
 memory is therefore a small multiple of the largest shard, not the model (tests/test_hf_convert.py measures it).
 Outputs are written under a temporary name and renamed when complete.
+
+The routers' balancing bias (``transformer.blocks.{i}.ffn.router.expert_bias``, a buffer of aux-loss-free balancing)
+has no place in HF's DBRX: an export writes it into config.json as ``foundry_dbrx_router_bias`` (one list of E floats
+per layer; left out when every bias is zero), which transformers keeps as a config attribute and ignores, so the
+safetensors hold exactly HF's keys and HF's forward routes without it. Every way back (HF -> Composer,
+``pretrained_hf_dir``) restores it bit for bit (fp32 values survive JSON's float64 exactly).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -44,12 +51,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 from torch import nn
 
-from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.config import ROUTER_BIAS_HF_KEY, DbrxConfig
 
 __all__ = ['KEY_TABLE', 'COMPOSER_MODEL_PREFIX', 'KeyMismatchError', 'expected_shapes', 'check_keys',
            'hf_to_composer', 'composer_to_hf', 'save_hf_checkpoint', 'load_hf_config', 'config_with_hf',
            'read_config_source', 'load_hf_weights', 'hf_param_init_fn', 'load_pretrained_hf',
-           'gather_full_state_dict', 'unwrap_ddp', 'parse_size', 'add_arguments', 'run']
+           'gather_full_state_dict', 'unwrap_ddp', 'parse_size', 'add_arguments', 'run', 'ROUTER_BIAS_KEY',
+           'split_router_bias', 'router_bias_from_state', 'router_bias_from_hf_config', 'set_router_bias']
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,55 @@ def check_keys(found: Mapping[str, Sequence[int]], cfg: DbrxConfig, source: str)
     mismatched = [(k, tuple(found[k]), want[k]) for k in want if k in found and tuple(found[k]) != want[k]]
     if unmapped or missing or mismatched:
         raise KeyMismatchError(source, unmapped, missing, mismatched)
+
+
+ROUTER_BIAS_KEY = 'transformer.blocks.{i}.ffn.router.expert_bias'
+_ROUTER_BIAS_RE = re.compile(r'transformer\.blocks\.(\d+)\.ffn\.router\.expert_bias')
+
+
+def split_router_bias(keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(weight keys, router-bias keys) of a state dict's keys."""
+    keys = list(keys)
+    bias = [k for k in keys if _ROUTER_BIAS_RE.fullmatch(k)]
+    return [k for k in keys if k not in set(bias)], bias
+
+
+def router_bias_from_state(tensors: Mapping[str, torch.Tensor], cfg: DbrxConfig, source: str) -> torch.Tensor:
+    """The ``[n_layers, E]`` fp32 bias of every layer's router from state-dict tensors (all layers or an error)."""
+    want = [ROUTER_BIAS_KEY.format(i=i) for i in range(cfg.n_layers)]
+    e = cfg.ffn_config.moe_num_experts
+    problems = [k for k in tensors if k not in want] + [k for k in want if k not in tensors]
+    problems += [f'{k} has {list(tensors[k].shape)}, config expects [{e}]' for k in want
+                 if k in tensors and tuple(tensors[k].shape) != (e,)]
+    if problems:
+        raise ValueError(f'{source}: router bias keys do not match the config: {", ".join(problems[:20])}')
+    return torch.stack([tensors[k].detach().to('cpu', torch.float32) for k in want])
+
+
+def router_bias_from_hf_config(raw: Mapping[str, Any], cfg: DbrxConfig, source: str) -> Optional[torch.Tensor]:
+    """The ``[n_layers, E]`` bias an export carried in config.json, or None where it carries none."""
+    value = raw.get(ROUTER_BIAS_HF_KEY)
+    if value is None:
+        return None
+    e, n = cfg.ffn_config.moe_num_experts, cfg.n_layers
+    ok = (isinstance(value, list) and len(value) == n and all(isinstance(row, list) and len(row) == e and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row) for row in value))
+    if not ok:
+        raise ValueError(f'{source}: {ROUTER_BIAS_HF_KEY} must be {n} lists (n_layers) of {e} finite numbers '
+                         '(moe_num_experts)')
+    return torch.tensor(value, dtype=torch.float32)
+
+
+@torch.no_grad()
+def set_router_bias(model: nn.Module, bias_LE: Optional[torch.Tensor]) -> None:
+    """Gives each router of a ``DbrxForCausalLM`` its row of ``bias_LE`` (zeros when None)."""
+    from foundry_dbrx.moe.router import DbrxRouter
+    routers = [m for m in model.modules() if isinstance(m, DbrxRouter)]
+    for i, router in enumerate(routers):
+        if bias_LE is None:
+            router.reset_expert_bias()
+        else:
+            router.expert_bias.copy_(bias_LE[i])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -587,6 +644,7 @@ def hf_to_composer(hf_dir: PathLike, out_path: PathLike, *, dtype: Optional[torc
     source = _HFSource(hf_dir)
     check_keys({k: s.shape for k, s in source.specs.items()}, cfg, f'{hf_dir}')
     order = list(expected_shapes(cfg))
+    bias_LE = router_bias_from_hf_config(raw_config, cfg, str(hf_dir / HF_CONFIG))
     carried = {'hf_config': raw_config, 'hf_files': _carry_files(hf_dir)}
     total = sum(source.specs[k].nbytes for k in order)
     with _atomic_output(out_path, overwrite, is_dir=False) as tmp:
@@ -594,6 +652,9 @@ def hf_to_composer(hf_dir: PathLike, out_path: PathLike, *, dtype: Optional[torc
         #    space only; skip_data never reads it, so nothing becomes resident.
         skeleton = {COMPOSER_MODEL_PREFIX + k: torch.empty(source.specs[k].shape,
                                                            dtype=dtype or source.specs[k].dtype) for k in order}
+        if bias_LE is not None:  # the routers' balancing bias, which the export carried in config.json
+            skeleton.update({COMPOSER_MODEL_PREFIX + ROUTER_BIAS_KEY.format(i=i): torch.empty(bias_LE.shape[1])
+                             for i in range(cfg.n_layers)})
         with torch.serialization.skip_data():
             torch.save({'state': {'model': skeleton}, CARRY_KEY: carried}, tmp)
         del skeleton
@@ -607,6 +668,12 @@ def hf_to_composer(hf_dir: PathLike, out_path: PathLike, *, dtype: Optional[torc
                     source.read_into(key, target[COMPOSER_MODEL_PREFIX + key])
                     bar.update(source.specs[key].nbytes)
                 del target
+        if bias_LE is not None:
+            with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+                target = torch.load(tmp, mmap=True, weights_only=True)['state']['model']
+            for i in range(cfg.n_layers):
+                target[COMPOSER_MODEL_PREFIX + ROUTER_BIAS_KEY.format(i=i)].copy_(bias_LE[i])
+            del target
         # 3. skip_data wrote the zip's CRC-32s for the empty holes; correct them so zip tools accept the file.
         _fix_zip_crcs(tmp)
     log.info('wrote %s (%d tensors, %.1f MB)', out_path, len(order), total / 1e6)
@@ -675,7 +742,9 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
               overwrite: bool, progress: bool, base_config: Optional[Mapping] = None,
               files: Optional[Mapping[str, bytes]] = None, tokenizer: Any = None, desc: str = '') -> Path:
     from safetensors.torch import save_file
-    check_keys({k: s.shape for k, s in source.specs.items()}, cfg, desc or 'checkpoint')
+    weight_keys, bias_keys = split_router_bias(source.specs)
+    check_keys({k: source.specs[k].shape for k in weight_keys}, cfg, desc or 'checkpoint')
+    bias_LE = router_bias_from_state(source.load(bias_keys), cfg, desc or 'checkpoint') if bias_keys else None
     order = list(expected_shapes(cfg))
     shards = _plan_shards(order, source.specs, parse_size(shard_size), dtype)
     names = ([HF_SINGLE_FILE] if len(shards) == 1 else
@@ -710,6 +779,10 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
                 (tmp / HF_GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + '\n')
         saved_dtype = dtypes.pop() if len(dtypes) == 1 else None
         config = hf_config_dict(cfg, saved_dtype, base_config)
+        if bias_LE is not None:  # the state's bias is the truth; all zeros is HF's routing, written as nothing
+            config.pop(ROUTER_BIAS_HF_KEY, None)
+            if bias_LE.any():
+                config[ROUTER_BIAS_HF_KEY] = bias_LE.tolist()
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     log.info('wrote %s (%d shard(s), %.1f MB)', out_dir, len(shards), total / 1e6)
     return out_dir
@@ -761,20 +834,31 @@ def save_hf_checkpoint(state_dict: Mapping[str, torch.Tensor], cfg: DbrxConfig, 
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, hf_dir: PathLike) -> None:
     """Copies an HF DBRX checkpoint into a materialised ``DbrxForCausalLM``, one tensor at a time, after checking
-    every key and shape."""
+    every key and shape; the routers' bias comes from config.json (zeros where it carries none)."""
     source = _HFSource(hf_dir)
     params = dict(model.named_parameters())
     check_keys({k: s.shape for k, s in source.specs.items()}, model.config, str(hf_dir))
+    bias_LE = _hf_router_bias(model, hf_dir)
     for key, tensor in source.iter_tensors(list(params)):
         params[key].copy_(tensor)
+    set_router_bias(model, bias_LE)
+
+
+def _hf_router_bias(model: nn.Module, hf_dir: PathLike) -> Optional[torch.Tensor]:
+    raw = json.loads((Path(hf_dir) / HF_CONFIG).read_text())
+    return router_bias_from_hf_config(raw, model.config, str(Path(hf_dir) / HF_CONFIG))
 
 
 def hf_param_init_fn(model: nn.Module, hf_dir: PathLike) -> Callable[[nn.Module], None]:
     """A ``param_init_fn`` for a ``DbrxForCausalLM`` built on the meta device: when FSDP materialises a module, its
-    own parameters are read from the HF shards instead of being initialised randomly (the keys are checked now)."""
+    own parameters are read from the HF shards instead of being initialised randomly (the keys are checked now),
+    and a router's bias from config.json."""
+    from foundry_dbrx.moe.router import DbrxRouter
     source = _HFSource(hf_dir)
     check_keys({k: s.shape for k, s in source.specs.items()}, model.config, str(hf_dir))
+    bias_LE = _hf_router_bias(model, hf_dir)
     owner = {id(m): prefix for prefix, m in model.named_modules()}
+    layer_of_router = {id(m): i for i, m in enumerate(m for m in model.modules() if isinstance(m, DbrxRouter))}
 
     @torch.no_grad()
     def init(module: nn.Module) -> None:
@@ -783,6 +867,11 @@ def hf_param_init_fn(model: nn.Module, hf_dir: PathLike) -> Callable[[nn.Module]
         params = {(f'{prefix}.{n}' if prefix else n): p for n, p in module.named_parameters(recurse=False)}
         for key, tensor in source.iter_tensors(list(params)):
             assign_full(params[key], tensor.to(_local_device(params[key])))
+        if isinstance(module, DbrxRouter):
+            if bias_LE is None:
+                module.reset_expert_bias()
+            else:
+                module.expert_bias.copy_(bias_LE[layer_of_router[id(module)]])
 
     return init
 

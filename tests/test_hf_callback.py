@@ -154,11 +154,11 @@ def test_fsdp_gather_and_sharded_checkpoint_conversion(tmp_path):
     # Single-process reference: same init, the whole batch (FSDP averages the two halves' gradients).
     torch.manual_seed(0)
     reference = DbrxForCausalLM(DbrxConfig.from_dict(CFG))
-    initial = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    initial = {k: v.detach().clone() for k, v in reference.named_parameters()}  # HF holds the parameters
     logits = reference(ids).logits
     F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
     torch.optim.SGD(reference.parameters(), lr=0.5).step()
-    expected = {k: v.detach() for k, v in reference.state_dict().items()}
+    expected = {k: v.detach() for k, v in reference.named_parameters()}
 
     gathered = read_hf_weights(tmp_path / 'gathered')
     assert sorted(gathered) == sorted(expected)
