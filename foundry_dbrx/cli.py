@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     'prep-data': ('foundry_dbrx.data.prep', 'tokenize text into MDS shards that LLM Foundry\'s text loader reads'),
     'train': ('foundry_dbrx.train', 'train from a YAML (same as python -m foundry_dbrx.train)'),
     'convert': ('foundry_dbrx.hf', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR'),
+    'plot': ('foundry_dbrx.plot', 'PNGs of a run\'s losses and expert load from its MLflow store: plot RUN'),
 }
 
 

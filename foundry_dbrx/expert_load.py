@@ -45,7 +45,8 @@ from composer.utils import dist
 from foundry_dbrx.moe.losses import LB_LOSSES, RoutingStats, router_z_loss, routing_stats
 from foundry_dbrx.moe.router import DbrxRouter, Routing
 
-__all__ = ['ExpertLoad', 'ExpertLoadStats', 'ExpertLoadReport', 'expert_load_metrics', 'METRIC_PREFIX', 'layer_prefix']
+__all__ = ['ExpertLoad', 'ExpertLoadStats', 'ExpertLoadReport', 'expert_load_metrics', 'update_biases', 'METRIC_PREFIX',
+           'layer_prefix']
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +240,7 @@ class ExpertLoad(Callback):
     # --- the work ------------------------------------------------------------------------------------------------
     def _update_biases(self) -> None:
         counts_LE, self.step_counts_LE = self.step_counts_LE, None
-        group = _world_group()
-        if group is not None:
-            torch_dist.all_reduce(counts_LE, group=group)  # the global load: every rank makes the same update
-        for router, counts_E in zip(self.routers, counts_LE):
-            router.update_expert_bias(counts_E, self.bias_rate)
+        update_biases(self.routers, counts_LE, self.bias_rate, _world_group())
 
     def _log(self, batch: int, logger: Logger) -> None:
         report = self.stats.reduce(_world_group())
@@ -260,6 +257,17 @@ class ExpertLoad(Callback):
             for destination in logger.destinations:
                 if not isinstance(destination, (ConsoleLogger, ProgressBarLogger)):
                     destination.log_metrics(detail, step=batch)
+
+
+def update_biases(routers: Sequence[DbrxRouter], counts_LE: torch.Tensor, rate: float,
+                  group: Optional[torch_dist.ProcessGroup] = None) -> None:
+    """One step of bias balancing: ``counts_LE`` (this rank's slots per expert over the step's microbatches) summed
+    over ``group`` in place, then each router's update from its layer's row. Every rank of ``group`` calls it and
+    makes the same update, so the biases stay identical on every rank."""
+    if group is not None:
+        torch_dist.all_reduce(counts_LE, group=group)
+    for router, counts_E in zip(routers, counts_LE):
+        router.update_expert_bias(counts_E, rate)
 
 
 def mlflow_location_lines(logger: Logger, run_name: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Expert parallelism on CPU over gloo, against the single-process path: the all-to-all dispatcher with the eager
-experts (2 and 4 ranks, balanced, skewed and empty-expert routings), and a whole model made expert-parallel by
-``parallelize.apply_expert_parallel``, outputs and every gradient."""
+experts (2 and 4 ranks, balanced, skewed and empty-expert routings), a whole model made expert-parallel by
+``parallelize.apply_expert_parallel``, outputs and every gradient, and the expert-load statistics and bias updates
+of ``dbrx_expert_load``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def run_ranks(case: str, world: int, ep: int, out) -> None:
 
 @pytest.mark.parametrize('world, ep', [(2, 2), (4, 2), (4, 4)])
 def test_expert_parallel_layer_and_model_match_one_process(tmp_path, world, ep):
-    """Both cases of tests/ep_worker.py in one launch (process start-up is most of the cost): the dispatcher with
-    explicit routings (with ep 4 and the 'empty' routing, a whole rank receives no rows) and the whole model."""
+    """Every case of tests/ep_worker.py in one launch (process start-up is most of the cost): the dispatcher with
+    explicit routings (with ep 4 and the 'empty' routing, a whole rank receives no rows), the whole model, and the
+    expert-load statistics reduced over the ranks."""
     run_ranks('both', world, ep, tmp_path)
