@@ -287,8 +287,8 @@ def _plot_router_health(metrics: RunMetrics, path: Path) -> Path:
     axes.flat[0].legend(fontsize=8, loc='upper right')
     for ax in list(axes.flat)[len(panels):]:
         ax.axis('off')
-    cv, biggest = metrics.on_steps('moe/expert_share_cv', steps)[-1], metrics.on_steps('moe/expert_share_max', steps)[-1]
-    dead = metrics.on_steps('moe/dead_experts', steps)[-1]
+    cv, biggest, dead = (metrics.on_steps(f'moe/{name}', steps)[-1]
+                         for name in ('expert_share_cv', 'expert_share_max', 'dead_experts'))
     fig.suptitle(f'{metrics.name}: router health per layer. At step {steps[-1]}: cv {cv:.3f} (balanced: 0), busiest '
                  f'expert {biggest * num_experts:.2f}x fair (balanced: 1), {int(dead)} layer-experts without a token')
     fig.savefig(path, dpi=110)
