@@ -19,7 +19,7 @@ from foundry_dbrx.model import DbrxForCausalLM, DbrxOutput
 from foundry_dbrx.moe.losses import auxiliary_losses
 from foundry_dbrx.parallelize import attach_composer_hooks
 
-__all__ = ['ComposerDbrxCausalLM']
+__all__ = ['ComposerDbrxCausalLM', 'router_loss_terms', 'lb_loss_group']
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,14 @@ class ComposerDbrxCausalLM(ComposerModel):
         self.tokenizer = tokenizer
         counts = self.config.num_params()
         self.n_active_params = counts['active']
-        ffn, lb_type = self.config.ffn_config, self.training_config.moe_lb_loss_type
+        ffn, training = self.config.ffn_config, self.training_config
+        lb_type = training.moe_lb_loss_type
+        balancing = (f'; bias balancing at rate {training.moe_bias_update_rate:g}' if training.moe_bias_balancing
+                     else '')
         log.info('DBRX: %s parameters in all, %s active per token (%d of %d experts); '
                  'load-balancing loss %r x %g; router z-loss x %g%s', _fmt_params(counts['total']),
                  _fmt_params(counts['active']), ffn.moe_top_k, ffn.moe_num_experts, lb_type, ffn.moe_loss_weight,
-                 self.training_config.moe_z_loss_weight,
-                 '; bias balancing at rate %g' % self.training_config.moe_bias_update_rate
-                 if self.training_config.moe_bias_balancing else '')
+                 training.moe_z_loss_weight, balancing)
         self.lb_loss_key = f'lb_loss_{lb_type}'
         self.bias_updates_attached = False  # set by the dbrx_expert_load callback, which moves the routers' bias
         self.train_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())} \

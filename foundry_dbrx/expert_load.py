@@ -32,14 +32,14 @@ Legend: L layers, E experts, T tokens, K top_k.
 
 from __future__ import annotations
 
-import logging
-import math
+import os
 from typing import NamedTuple, Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as torch_dist
 from composer.core import Callback, State, Time, TimeUnit
-from composer.loggers import Logger
+from composer.loggers import ConsoleLogger, Logger, MLFlowLogger, ProgressBarLogger
 from composer.utils import dist
 
 from foundry_dbrx.moe.losses import LB_LOSSES, RoutingStats, router_z_loss, routing_stats
@@ -47,8 +47,6 @@ from foundry_dbrx.moe.router import DbrxRouter, Routing
 
 __all__ = ['ExpertLoad', 'ExpertLoadStats', 'ExpertLoadReport', 'expert_load_metrics', 'update_biases', 'METRIC_PREFIX',
            'layer_prefix']
-
-log = logging.getLogger(__name__)
 
 METRIC_PREFIX = 'moe'
 
@@ -253,7 +251,6 @@ class ExpertLoad(Callback):
             detail.update({f'{layer_prefix(i, len(ranges))}/bias_range': v for i, v in enumerate(ranges)})
         logger.log_metrics(overall, step=batch)
         if self.per_layer:
-            from composer.loggers import ConsoleLogger, ProgressBarLogger
             for destination in logger.destinations:
                 if not isinstance(destination, (ConsoleLogger, ProgressBarLogger)):
                     destination.log_metrics(detail, step=batch)
@@ -272,30 +269,28 @@ def update_biases(routers: Sequence[DbrxRouter], counts_LE: torch.Tensor, rate: 
 
 def mlflow_location_lines(logger: Logger, run_name: str) -> list[str]:
     """Where an MLflow logger of ``logger`` keeps this run, and the commands that show it (empty without one)."""
-    from composer.loggers import MLFlowLogger
     for destination in logger.destinations:
         if isinstance(destination, MLFlowLogger) and getattr(destination, 'tracking_uri', None):
             uri = display_tracking_uri(destination.tracking_uri)
+            name = destination.run_name or run_name
             run_id = getattr(destination, '_run_id', None)  # Composer keeps it there (and logs it as mlflow_run_id)
-            plot = f'foundry-dbrx plot {run_name}'
+            plot = f'foundry-dbrx plot {name}'
             if uri != display_tracking_uri(default_tracking_uri()):
                 plot += f' --tracking-uri {uri}'
-            return [f'[foundry-dbrx] MLflow run {run_name} (id {run_id}) in {uri}',
-                    f'[foundry-dbrx]   browse it:  mlflow ui --backend-store-uri {uri}',
+            local = os.path.isabs(uri)
+            return [f'[foundry-dbrx] MLflow run {name} (id {run_id}) in {uri}',
+                    f'[foundry-dbrx]   browse it:  ' + (f'mlflow ui --backend-store-uri {uri}' if local else uri),
                     f'[foundry-dbrx]   router plots:  {plot}']
     return []
 
 
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``./mlruns`` (the store the shipped YAMLs write)."""
-    import os
     return os.environ.get('MLFLOW_TRACKING_URI') or './mlruns'
 
 
 def display_tracking_uri(uri: str) -> str:
     """A local store as an absolute path (what ``mlflow ui --backend-store-uri`` takes); anything else as it is."""
-    import os
-    from urllib.parse import urlparse
     parsed = urlparse(str(uri))
     if parsed.scheme in ('', 'file'):
         return os.path.abspath(parsed.path if parsed.scheme else str(uri))
