@@ -275,7 +275,9 @@ def mlflow_location_lines(logger: Logger, run_name: str) -> list[str]:
             name = destination.run_name or run_name
             run_id = getattr(destination, '_run_id', None)  # Composer keeps it there (and logs it as mlflow_run_id)
             plot = f'foundry-dbrx plot {name}'
-            if uri != display_tracking_uri(default_tracking_uri()):
+            # Not default_tracking_uri(): MLflow's set_tracking_uri has put this store into MLFLOW_TRACKING_URI of
+            # this process, not of the user's shell, where the plot's default is ./mlruns.
+            if uri != os.path.abspath('mlruns'):
                 plot += f' --tracking-uri {uri}'
             local = os.path.isabs(uri)
             return [f'[foundry-dbrx] MLflow run {name} (id {run_id}) in {uri}',

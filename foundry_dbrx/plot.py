@@ -182,8 +182,7 @@ def _plot_expert_load(metrics: RunMetrics, path: Path) -> Path:
     steps = metrics.moe_steps()
     grid = _expert_grid(metrics, steps)
     num_layers, num_experts, _ = grid.shape
-    cmap = plt.get_cmap('RdBu_r').copy()
-    cmap.set_bad('black')
+    cmap = plt.get_cmap('RdBu_r').with_extremes(bad='black')
     norm = Normalize(vmin=-3, vmax=3)  # 1/8x .. 8x the fair share
 
     height = min(4 + 0.22 * num_layers * num_experts / 4, 30)
@@ -218,7 +217,7 @@ def _plot_expert_load(metrics: RunMetrics, path: Path) -> Path:
                 right.text(expert, layer, label, ha='center', va='center', fontsize=7,
                            color='white' if dead[layer, expert] or abs(last[layer, expert]) > 2 else 'black')
 
-    bar = fig.colorbar(image, ax=[left, right], shrink=0.8, pad=0.01)
+    bar = fig.colorbar(image, ax=[left, right], shrink=min(0.8, 6 / height), pad=0.01)
     bar.set_ticks([-3, -2, -1, 0, 1, 2, 3])
     bar.set_ticklabels(['1/8', '1/4', '1/2', '1 (fair)', '2', '4', '8'])
     bar.set_label('share of routed slots / fair share 1/E   (black: no token)')

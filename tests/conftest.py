@@ -73,15 +73,3 @@ def make_routing(kind: str, t: int, k: int, e: int, gen: torch.Generator) -> tor
 def tiny():
     return tiny_config
 
-
-@pytest.fixture(autouse=True, scope='session')
-def mlflow_store_in_tmp(tmp_path_factory):
-    """The shipped YAMLs log to MLflow at $MLFLOW_TRACKING_URI (else ./mlruns): tests and the runs they start keep
-    their store in a temporary folder, never in the checkout."""
-    old = os.environ.get('MLFLOW_TRACKING_URI')
-    os.environ['MLFLOW_TRACKING_URI'] = str(tmp_path_factory.mktemp('mlruns'))
-    yield os.environ['MLFLOW_TRACKING_URI']
-    if old is None:
-        os.environ.pop('MLFLOW_TRACKING_URI', None)
-    else:
-        os.environ['MLFLOW_TRACKING_URI'] = old

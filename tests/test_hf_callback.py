@@ -197,7 +197,8 @@ def test_finetune_recipe_starts_from_hf_and_writes_hf_checkpoints(tmp_path):
                  'device_train_microbatch_size=2', 'eval_first=false', 'eval_interval=2ba', 'eval_subset_num_batches=1',
                  'run_name=ft', f'save_folder={tmp_path}/ckpt', 'save_interval=2ba',
                  f'callbacks.dbrx_hf_checkpointer.save_folder={tmp_path}/hf-out', 'callbacks.dbrx_hf_checkpointer.save_interval=2ba',
-                 'callbacks.dbrx_hf_checkpointer.precision=float32', 'scheduler.t_warmup=0ba']
+                 'callbacks.dbrx_hf_checkpointer.precision=float32', 'scheduler.t_warmup=0ba',
+                 f'loggers.mlflow.tracking_uri={tmp_path}/mlruns']
     trainer = train(load_config(str(ROOT / 'yamls' / 'dbrx-finetune-hf.yaml'), overrides))
     assert trainer.state.model.config.d_model == CFG['d_model']  # filled in from config.json
     assert trainer.state.model.config.max_seq_len == 64  # the YAML's training choice

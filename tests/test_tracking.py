@@ -15,21 +15,13 @@ STEPS = 12
 def tracked_run(corpus, tmp_path_factory):  # noqa: F811
     import contextlib
     import io
-    import os
 
     folder = tmp_path_factory.mktemp('tracked')
     store = folder / 'mlruns'
-    old = os.environ.get('MLFLOW_TRACKING_URI')
-    os.environ['MLFLOW_TRACKING_URI'] = str(store)  # what the YAML's tracking_uri reads
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            _train(corpus, folder, f'max_duration={STEPS}ba', 'run_name=tracked-tiny', 'save_folder=null',
-                   'callbacks.dbrx_expert_load.log_interval=3ba', 'model.training.moe_z_loss_weight=0.001')
-    finally:
-        os.environ.pop('MLFLOW_TRACKING_URI')
-        if old is not None:
-            os.environ['MLFLOW_TRACKING_URI'] = old
+    with contextlib.redirect_stdout(printed):
+        _train(corpus, folder, f'max_duration={STEPS}ba', 'run_name=tracked-tiny', 'save_folder=null',
+               'callbacks.dbrx_expert_load.log_interval=3ba', 'model.training.moe_z_loss_weight=0.001')
     return store, printed.getvalue()
 
 
@@ -40,7 +32,7 @@ def test_mlflow_store_holds_the_run_metrics(tracked_run):
     # The run ends by saying where its metrics are and how to see them.
     assert f'[foundry-dbrx] MLflow run tracked-tiny (id ' in printed and f'in {store}' in printed
     assert f'mlflow ui --backend-store-uri {store}' in printed
-    assert 'router plots:  foundry-dbrx plot tracked-tiny\n' in printed  # MLFLOW_TRACKING_URI names this store
+    assert f'router plots:  foundry-dbrx plot tracked-tiny --tracking-uri {store}\n' in printed
     client = MlflowClient(str(store))
     (experiment,) = [e for e in client.search_experiments() if e.name == 'foundry-dbrx']
     (run,) = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'tracked-tiny'")
