@@ -72,4 +72,3 @@ def make_routing(kind: str, t: int, k: int, e: int, gen: torch.Generator) -> tor
 @pytest.fixture
 def tiny():
     return tiny_config
-
