@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     'train': ('foundry_dbrx.train', 'train from a YAML (same as python -m foundry_dbrx.train)'),
     'convert': ('foundry_dbrx.hf.cli', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR'),
     'plan': ('foundry_dbrx.plan', 'per-GPU memory, FLOPs and microbatch size of a training YAML on N GPUs'),
+    'plot': ('foundry_dbrx.plot', 'PNGs of a run\'s losses and expert load from its MLflow store: plot RUN'),
 }
 
 

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
-from foundry_dbrx.config import DbrxConfig, DbrxTrainingConfig
+from foundry_dbrx.config import DbrxConfig, DbrxFFNConfig, DbrxTrainingConfig
 from foundry_dbrx.model import DbrxForCausalLM, DbrxLossOutput, DbrxOutput
-from foundry_dbrx.moe.losses import load_balancing_loss
+from foundry_dbrx.moe.losses import auxiliary_losses
 from foundry_dbrx.parallelize import attach_composer_hooks
 
-__all__ = ['ComposerDbrxCausalLM']
+__all__ = ['ComposerDbrxCausalLM', 'router_loss_terms', 'lb_loss_group']
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,38 @@ class _TrainCrossEntropy(_UpdateFromSums, LanguageCrossEntropy):
 
 class _TrainPerplexity(_UpdateFromSums, LanguagePerplexity):
     pass
+
+
+def lb_loss_group(training: DbrxTrainingConfig):
+    """The data-parallel ranks whose routing statistics the auxiliary losses sum (``moe_lb_loss_scope`` global: all
+    of them, so the losses are those of the global batch), or None for this rank's alone."""
+    import torch.distributed as dist
+    if (training.moe_lb_loss_scope == 'global' and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return dist.group.WORLD
+    return None
+
+
+def router_loss_terms(model: torch.nn.Module, ce: torch.Tensor, routings, ffn: DbrxFFNConfig,
+                      training: DbrxTrainingConfig, lb_loss_key: str) -> dict[str, torch.Tensor]:
+    """The loss dict of a model with DBRX MoE layers (``dbrx`` and ``mpt_dbrx_moe`` share it): ``total``, ``ce``,
+    the load-balancing loss under ``lb_loss_key`` and ``z_loss``, formed from the routing of every layer."""
+    lbl, z_loss = auxiliary_losses(routings, ffn.moe_num_experts, training.moe_lb_loss_type,
+                                   group=lb_loss_group(training))
+    if model.training and torch.is_grad_enabled():
+        weighted = ffn.moe_loss_weight > 0 or training.moe_z_loss_weight > 0
+        if weighted and not lbl.requires_grad:
+            raise RuntimeError(
+                'the load-balancing loss has no gradient: the router statistics were computed without autograd. '
+                'With activation checkpointing set fsdp_config.activation_checkpointing_reentrant: false '
+                '(reentrant checkpointing drops every block output but the hidden states from the graph)')
+        if training.moe_bias_balancing and not getattr(model, 'bias_updates_attached', False):
+            # Without the callback the bias would steer the routing but never move: refuse rather than train
+            # silently unbalanced.
+            raise RuntimeError('training.moe_bias_balancing needs the dbrx_expert_load callback, which updates the '
+                               'routers\' bias after each optimizer step: add callbacks: {dbrx_expert_load: {}}')
+    total = ce + ffn.moe_loss_weight * lbl + training.moe_z_loss_weight * z_loss
+    return {'total': total, 'ce': ce, lb_loss_key: lbl, 'z_loss': z_loss}
 
 
 def _fmt_params(n: int) -> str:
@@ -105,11 +137,16 @@ class ComposerDbrxCausalLM(ComposerModel):
         self.tokenizer = tokenizer
         counts = self.config.num_params()
         self.n_active_params = counts['active']
-        ffn, lb_type = self.config.ffn_config, self.training_config.moe_lb_loss_type
+        ffn, training = self.config.ffn_config, self.training_config
+        lb_type = training.moe_lb_loss_type
+        balancing = (f'; bias balancing at rate {training.moe_bias_update_rate:g}' if training.moe_bias_balancing
+                     else '')
         log.info('DBRX: %s parameters in all, %s active per token (%d of %d experts); '
-                 'load-balancing loss %r x %g', _fmt_params(counts['total']), _fmt_params(counts['active']),
-                 ffn.moe_top_k, ffn.moe_num_experts, lb_type, ffn.moe_loss_weight)
+                 'load-balancing loss %r x %g; router z-loss x %g%s', _fmt_params(counts['total']),
+                 _fmt_params(counts['active']), ffn.moe_top_k, ffn.moe_num_experts, lb_type, ffn.moe_loss_weight,
+                 training.moe_z_loss_weight, balancing)
         self.lb_loss_key = f'lb_loss_{lb_type}'
+        self.bias_updates_attached = False  # set by the dbrx_expert_load callback, which moves the routers' bias
         self.train_metrics = {'LanguageCrossEntropy': _TrainCrossEntropy(),
                               'LanguagePerplexity': _TrainPerplexity()} if use_train_metrics else {}
         self.eval_metrics = {m.__class__.__name__: m for m in (LanguageCrossEntropy(), LanguagePerplexity())}
@@ -139,8 +176,8 @@ class ComposerDbrxCausalLM(ComposerModel):
         return targets
 
     def loss(self, outputs: DbrxOutput | DbrxLossOutput, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """``total = ce + moe_loss_weight * lb_loss``; each part is logged (``loss/train/ce``,
-        ``loss/train/lb_loss_<type>``)."""
+        """``total = ce + moe_loss_weight * lb_loss + moe_z_loss_weight * z_loss``; each part is logged
+        (``loss/train/ce``, ``loss/train/lb_loss_<type>``, ``loss/train/z_loss``), the z-loss even at weight 0."""
         targets = self.targets(batch).reshape(-1)
         # Sum over valid targets / their count (at least 1): a microbatch whose labels are all ignored (a long
         # masked prompt) gives 0, not the NaN of a mean over nothing.
@@ -151,24 +188,8 @@ class ComposerDbrxCausalLM(ComposerModel):
             ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
                                      ignore_index=IGNORE_INDEX, reduction='sum')
         ce = ce_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        ffn = self.config.ffn_config
-        lbl = load_balancing_loss(outputs.routings, ffn.moe_num_experts, self.training_config.moe_lb_loss_type,
-                                  group=self._lb_loss_group())
-        if self.training and torch.is_grad_enabled() and ffn.moe_loss_weight > 0 and not lbl.requires_grad:
-            raise RuntimeError(
-                'the load-balancing loss has no gradient: the router statistics were computed without autograd. '
-                'With activation checkpointing set fsdp_config.activation_checkpointing_reentrant: false '
-                '(reentrant checkpointing drops every block output but the hidden states from the graph)')
-        return {'total': ce + ffn.moe_loss_weight * lbl, 'ce': ce, self.lb_loss_key: lbl}
-
-    def _lb_loss_group(self):
-        """The data-parallel ranks whose routing statistics the load-balancing loss sums (``moe_lb_loss_scope``
-        global: all of them, so the loss is that of the global batch), or None for this rank's alone."""
-        import torch.distributed as dist
-        if (self.training_config.moe_lb_loss_scope == 'global' and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
-            return dist.group.WORLD
-        return None
+        return router_loss_terms(self, ce, outputs.routings, self.config.ffn_config, self.training_config,
+                                 self.lb_loss_key)
 
     def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[DbrxOutput | DbrxLossOutput] = None
                      ) -> DbrxOutput | DbrxLossOutput:

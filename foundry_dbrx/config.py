@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 __all__ = ['DbrxAttentionConfig', 'DbrxFFNConfig', 'DbrxConfig', 'DbrxTrainingConfig', 'MOE_BACKENDS', 'LB_LOSS_TYPES',
-           'AC_TARGETS']
+           'AC_TARGETS', 'ROUTER_BIAS_HF_KEY']
 
 # Names of the expert backends a config may ask for; the classes live in ``foundry_dbrx.moe.experts``.
 MOE_BACKENDS = ('auto', 'eager', 'grouped_mm', 'megablocks', 'grouped_mm_triton')
@@ -32,8 +32,14 @@ GQA_IMPLS = ('auto', 'repeat_kv', 'enable_gqa')
 # What activation checkpointing wraps when the YAML turns it on (fsdp_config.activation_checkpointing: true).
 AC_TARGETS = ('block', 'attention', 'experts')
 
+# Where an HF export carries the routers' expert biases (aux-loss-free balancing, [n_layers][moe_num_experts]):
+# a top-level config.json key, which transformers keeps as an attribute and ignores. State, not architecture, so
+# the config skips it and foundry_dbrx.hf reads it (docs/moe.md).
+ROUTER_BIAS_HF_KEY = 'foundry_dbrx_router_bias'
+
 # Keys HF's DbrxConfig writes into config.json that carry no meaning for the model's math.
 _HF_BOOKKEEPING_KEYS = frozenset({
+    ROUTER_BIAS_HF_KEY,
     'architectures', 'auto_map', 'model_type', 'torch_dtype', 'transformers_version', 'use_cache',
     'output_router_logits', 'router_aux_loss_coef', 'tie_word_embeddings', 'return_dict', 'output_hidden_states',
     'output_attentions', 'torchscript', 'pad_token_id', 'bos_token_id', 'eos_token_id', '_name_or_path',
@@ -257,6 +263,13 @@ class DbrxTrainingConfig:
             sums. Evaluation still computes logits.
         gqa_impl: how attention uses the fewer K/V heads: ``auto`` (SDPA's ``enable_gqa`` for fp16/bf16 on CUDA,
             else ``repeat_kv``), ``repeat_kv`` (HF's way) or ``enable_gqa``.
+        moe_z_loss_weight: weight of the router z-loss (MegaBlocks' ``moe_zloss_weight``: the mean over layers of
+            ``mean_t logsumexp(logits_t)^2``; ST-MoE used 0.001). 0: computed and logged, not trained on.
+        moe_bias_balancing: aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router
+            probabilities for the top-k choice only, nudged toward balance after every optimizer step from the load
+            of the global batch. Needs the ``dbrx_expert_load`` callback, which applies the updates.
+        moe_bias_update_rate: how far one step moves an expert's bias (DeepSeek-V3's gamma, 0.001); 0 keeps a
+            loaded bias fixed (it still steers the choice).
     """
 
     moe_backend: str = 'auto'
@@ -268,6 +281,9 @@ class DbrxTrainingConfig:
     activation_checkpointing_every: int = 1
     fused_cross_entropy: bool = False
     gqa_impl: str = 'auto'
+    moe_z_loss_weight: float = 0.0
+    moe_bias_balancing: bool = False
+    moe_bias_update_rate: float = 0.001
 
     def __post_init__(self) -> None:
         if self.moe_backend not in MOE_BACKENDS:
@@ -288,6 +304,12 @@ class DbrxTrainingConfig:
             raise ValueError(f'training.fused_cross_entropy ({self.fused_cross_entropy!r}) must be true or false')
         if self.gqa_impl not in GQA_IMPLS:
             raise ValueError(f'training.gqa_impl ({self.gqa_impl!r}) must be one of {list(GQA_IMPLS)}')
+        if not _is_number(self.moe_z_loss_weight) or self.moe_z_loss_weight < 0:
+            raise ValueError(f'training.moe_z_loss_weight ({self.moe_z_loss_weight!r}) must be a number >= 0')
+        if not isinstance(self.moe_bias_balancing, bool):
+            raise ValueError(f'training.moe_bias_balancing ({self.moe_bias_balancing!r}) must be true or false')
+        if not _is_number(self.moe_bias_update_rate) or self.moe_bias_update_rate < 0:
+            raise ValueError(f'training.moe_bias_update_rate ({self.moe_bias_update_rate!r}) must be a number >= 0')
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]]) -> 'DbrxTrainingConfig':

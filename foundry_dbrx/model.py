@@ -18,7 +18,7 @@ from torch import nn
 
 from foundry_dbrx.config import GQA_IMPLS, DbrxConfig, DbrxTrainingConfig
 from foundry_dbrx.moe.layer import DbrxFFN
-from foundry_dbrx.moe.router import Routing
+from foundry_dbrx.moe.router import DbrxRouter, Routing
 from foundry_dbrx.ops.cross_entropy import linear_cross_entropy
 
 __all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'DbrxLossOutput',
@@ -129,10 +129,11 @@ class DbrxNormAttentionNorm(nn.Module):
 
 
 class DbrxBlock(nn.Module):
-    def __init__(self, cfg: DbrxConfig, moe_backend: str = 'auto', device=None):
+    def __init__(self, cfg: DbrxConfig, training: DbrxTrainingConfig, device=None):
         super().__init__()
         self.norm_attn_norm = DbrxNormAttentionNorm(cfg, device=device)
-        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, backend=moe_backend, device=device)
+        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, backend=training.moe_backend,
+                           bias_balancing=training.moe_bias_balancing, device=device)
         self.resid_pdrop = cfg.resid_pdrop
 
     def forward(self, x_BSD, cos_SHd, sin_SHd) -> tuple[torch.Tensor, Routing]:
@@ -144,11 +145,12 @@ class DbrxBlock(nn.Module):
 class DbrxModel(nn.Module):
     """The transformer trunk (HF's ``transformer.``): ``wte``, ``blocks``, ``norm_f``."""
 
-    def __init__(self, cfg: DbrxConfig, moe_backend: str = 'auto', device=None):
+    def __init__(self, cfg: DbrxConfig, training: Optional[DbrxTrainingConfig] = None, device=None):
         super().__init__()
         self.cfg = cfg
+        training = training or DbrxTrainingConfig()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
-        self.blocks = nn.ModuleList([DbrxBlock(cfg, moe_backend, device=device) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([DbrxBlock(cfg, training, device=device) for _ in range(cfg.n_layers)])
         self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False, device=device)
         self.emb_pdrop = cfg.emb_pdrop
 
@@ -170,15 +172,15 @@ class DbrxForCausalLM(nn.Module):
     """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing;
     ``(input_ids, targets=...)`` returns the summed cross entropy instead, without materialising the logits.
 
-    ``training`` supplies the expert backend (the rest of it, such as expert parallelism, is applied from outside by
-    :mod:`foundry_dbrx.parallelize`).
+    ``training`` supplies the expert backend and whether the routers choose with their balancing bias (the rest of
+    it, such as expert parallelism, is applied from outside by :mod:`foundry_dbrx.parallelize`).
     """
 
     def __init__(self, cfg: DbrxConfig, training: Optional[DbrxTrainingConfig] = None, device=None):
         super().__init__()
         self.config = cfg
         self.training_config = training or DbrxTrainingConfig()
-        self.transformer = DbrxModel(cfg, self.training_config.moe_backend, device=device)
+        self.transformer = DbrxModel(cfg, self.training_config, device=device)
         for module in self.transformer.modules():
             if isinstance(module, DbrxAttention):
                 module.gqa_impl = check_gqa_impl(self.training_config.gqa_impl)
@@ -203,7 +205,7 @@ class DbrxForCausalLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for every matrix, the residual-writing ones scaled by 1/sqrt(2 L); ones
-        for the norms."""
+        for the norms; zeros for the routers' balancing bias."""
         for module in self.modules():
             self.init_module(module)
 
@@ -219,6 +221,8 @@ class DbrxForCausalLM(nn.Module):
         and LLM Foundry builds single-GPU models on the CPU where FSDP would build them on the GPU.
         """
         std = self.config.initializer_range
+        if isinstance(module, DbrxRouter):
+            module.reset_expert_bias()  # a buffer: materialising a meta-device module leaves it uninitialised
         prefix = self._module_names[id(module)]
         draw_on = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else None
         for name, param in module.named_parameters(recurse=False):

@@ -139,8 +139,48 @@ def init_case(rank: int, world: int, ep: int) -> None:
         assert torch.equal(param.full_tensor(), want[name]), name
 
 
-CASES = {'dispatcher': dispatcher_case, 'model': model_case, 'init': init_case}
-CASES['all'] = lambda rank, world, ep: [case(rank, world, ep) for case in (dispatcher_case, model_case, init_case)]
+def expert_load_case(rank: int, world: int, ep: int) -> None:
+    """dbrx_expert_load's statistics under expert parallelism, reduced over the world, equal those of the
+    single-process model on the whole batch; the bias update from the reduced load is the same on every rank."""
+    from foundry_dbrx import DbrxConfig, DbrxForCausalLM
+    from foundry_dbrx.config import DbrxTrainingConfig
+    from foundry_dbrx.expert_load import ExpertLoadStats, expert_load_metrics, update_biases
+    from foundry_dbrx.parallelize import apply_expert_parallel
+    from tests.conftest import tiny_config
+
+    ep_mesh, _ = _ep_groups(world, ep)
+    cfg = DbrxConfig.from_dict(tiny_config(ffn_config__moe_num_experts=8, ffn_config__moe_top_k=2))
+    training = DbrxTrainingConfig(moe_bias_balancing=True)
+    torch.manual_seed(0)
+    reference = DbrxForCausalLM(cfg, training)
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(cfg, training)
+    apply_expert_parallel(model, ep_mesh)
+    ids = torch.randint(0, cfg.vocab_size, (world * 2, 12), generator=torch.Generator().manual_seed(5))
+    routers = [b.ffn.router for b in model.transformer.blocks]
+
+    ref_stats, stats = ExpertLoadStats(cfg.n_layers, 8, 2), ExpertLoadStats(cfg.n_layers, 8, 2)
+    ref_counts = ref_stats.add(reference(ids).routings)
+    counts = stats.add(model(ids[rank * 2:(rank + 1) * 2]).routings)
+    want, got = ref_stats.reduce(), stats.reduce(dist.group.WORLD)
+    assert torch.equal(got.stats.counts_LE, want.stats.counts_LE)
+    for (name, a), b in zip(sorted(expert_load_metrics(got, 'switch')[1].items()),
+                            [v for _, v in sorted(expert_load_metrics(want, 'switch')[1].items())]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (name, a, b)
+
+    update_biases(routers, counts.clone(), 0.01, dist.group.WORLD)
+    update_biases([b.ffn.router for b in reference.transformer.blocks], ref_counts.clone(), 0.01)
+    bias = torch.stack([r.expert_bias for r in routers])
+    assert bias.any()
+    assert torch.equal(bias, torch.stack([b.ffn.router.expert_bias for b in reference.transformer.blocks]))
+    gathered = [torch.empty_like(bias) for _ in range(world)]
+    dist.all_gather(gathered, bias)
+    assert all(torch.equal(g, bias) for g in gathered)
+
+
+CASES = {'dispatcher': dispatcher_case, 'model': model_case, 'init': init_case, 'expert_load': expert_load_case}
+CASES['all'] = lambda rank, world, ep: [case(rank, world, ep) for case in (dispatcher_case, model_case, init_case,
+                                                                         expert_load_case)]
 
 
 def main(argv: list[str]) -> None:

@@ -1,8 +1,9 @@
 """Expert parallelism on CPU over gloo, against the single-process path: the all-to-all dispatcher with the eager
 experts (2 and 4 ranks, balanced, skewed and empty-expert routings), a whole model made expert-parallel by
 ``parallelize.apply_expert_parallel`` (outputs and every gradient), meta-device initialisation at any world size
-and EP degree, and training under the ``composer`` launcher
-with FSDP2 + EP 2 (the losses of one process on the same global batch; a checkpoint saved at EP 2 resumed at EP 1).
+and EP degree, the expert-load statistics and bias updates of ``dbrx_expert_load``, and training under the
+``composer`` launcher with FSDP2 + EP 2 (the losses of one process on the same global batch; a checkpoint saved at
+EP 2 resumed at EP 1).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def run_ranks(case: str, world: int, ep: int, out) -> None:
 @pytest.mark.parametrize('world, ep', [(2, 2), (4, 2), (4, 4)])
 def test_expert_parallel_layer_model_and_init_match_one_process(tmp_path, world, ep):
     """The cases of tests/ep_worker.py in one launch (process start-up is most of the cost): the dispatcher with
-    explicit routings (with ep 4 and the 'empty' routing, a whole rank receives no rows), the whole model, and
-    meta-device initialisation under FSDP2 + EP (the same weights as one process)."""
+    explicit routings (with ep 4 and the 'empty' routing, a whole rank receives no rows), the whole model,
+    meta-device initialisation under FSDP2 + EP (the same weights as one process), and the expert-load statistics
+    reduced over the ranks."""
     run_ranks('all', world, ep, tmp_path)
 
 

@@ -38,7 +38,8 @@ def _train(corpus, run_dir, *extra):
         'model.ffn_config.ffn_hidden_size=64', f'max_duration={STEPS}ba', 'global_train_batch_size=4',
         'device_train_microbatch_size=4', 'eval_subset_num_batches=1', 'console_log_interval=100ba',
         'scheduler.t_warmup=5ba', 'optimizer.lr=1.0e-2', f'save_folder={run_dir}/checkpoints', f'save_interval={SAVE_AT}ba',
-        f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json', *extra,
+        f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json', f'loggers.mlflow.tracking_uri={run_dir}/mlruns',
+        *extra,
     ]
     trainer = train(load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'), overrides))
     trainer.close()

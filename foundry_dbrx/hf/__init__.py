@@ -10,6 +10,7 @@ Where things are:
   sharded folder, in-memory state dict).
 - :mod:`~foundry_dbrx.hf.safe_load`: reading pickled checkpoints with an allowlist of types, no code run.
 - :mod:`~foundry_dbrx.hf.convert`: the conversions, streamed one shard at a time.
+- :mod:`~foundry_dbrx.hf.router_bias`: the routers' balancing bias in state dicts and in config.json.
 - :mod:`~foundry_dbrx.hf.pretrained`: HF weights straight into a model (``pretrained_hf_dir``).
 - :mod:`~foundry_dbrx.hf.gather`: the full weights of an FSDP model, for the HF checkpointer callback.
 - :mod:`~foundry_dbrx.hf.cli`: ``foundry-dbrx convert``.
@@ -25,6 +26,8 @@ from foundry_dbrx.hf.keys import (COMPOSER_MODEL_PREFIX, DCP_STATE_MODEL, KEY_TA
                                   expected_shapes)
 from foundry_dbrx.hf.pretrained import hf_param_init_fn, load_hf_weights, load_pretrained_hf
 from foundry_dbrx.hf.readers import CARRY_KEY
+from foundry_dbrx.hf.router_bias import (ROUTER_BIAS_KEY, router_bias_from_hf_config, router_bias_from_state,
+                                         set_router_bias, split_router_bias)
 from foundry_dbrx.hf.safe_load import CHECKPOINT_TYPES, UnsafeCheckpointError
 
 __all__ = ['KEY_TABLE', 'COMPOSER_MODEL_PREFIX', 'DCP_STATE_MODEL', 'KeyMismatchError', 'expected_shapes',
@@ -33,4 +36,5 @@ __all__ = ['KEY_TABLE', 'COMPOSER_MODEL_PREFIX', 'DCP_STATE_MODEL', 'KeyMismatch
            'hf_param_init_fn', 'load_pretrained_hf', 'gather_full_state_dict', 'unwrap_ddp', 'parse_size', 'DTYPES',
            'HF_CONFIG', 'HF_SINGLE_FILE', 'HF_INDEX', 'HF_GENERATION_CONFIG', 'HF_LAYER_NORM_EPS', 'CARRIED_FILES',
            'CARRY_KEY', 'CHECKPOINT_TYPES', 'UnsafeCheckpointError', 'NonFiniteWeightsError', 'HF_EXPORT',
-           'PT_EXPORT']
+           'PT_EXPORT', 'ROUTER_BIAS_KEY', 'split_router_bias', 'router_bias_from_state',
+           'router_bias_from_hf_config', 'set_router_bias']

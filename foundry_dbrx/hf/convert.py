@@ -36,6 +36,8 @@ from foundry_dbrx.hf.files import (HF_CONFIG, HF_GENERATION_CONFIG, HF_INDEX, HF
                                    check_carried_files)
 from foundry_dbrx.hf.keys import COMPOSER_MODEL_PREFIX, check_keys, expected_shapes
 from foundry_dbrx.hf.readers import CARRY_KEY, DictSource, HFSource, TensorSpec, open_composer_source
+from foundry_dbrx.hf.router_bias import (ROUTER_BIAS_HF_KEY, ROUTER_BIAS_KEY, router_bias_from_hf_config,
+                                         router_bias_from_state, split_router_bias)
 from foundry_dbrx.hf.safe_load import load_pt
 from foundry_dbrx.outputs import atomic_output
 
@@ -118,6 +120,7 @@ def hf_to_composer(hf_dir: PathLike, out_path: PathLike, *, dtype: Optional[torc
     source = HFSource(hf_dir)
     check_keys({k: s.shape for k, s in source.specs.items()}, cfg, f'{hf_dir}')
     order = list(expected_shapes(cfg))
+    bias_LE = router_bias_from_hf_config(raw_config, cfg, str(hf_dir / HF_CONFIG))
     carried = {'hf_config': raw_config, 'hf_files': carry_files(hf_dir), 'written_by': f'foundry-dbrx {PT_EXPORT}'}
     total = sum(TensorSpec(source.specs[k].shape, dtype or source.specs[k].dtype).nbytes for k in order)
     where = str(hf_dir)
@@ -127,6 +130,9 @@ def hf_to_composer(hf_dir: PathLike, out_path: PathLike, *, dtype: Optional[torc
         #    space only; skip_data never reads it, so nothing becomes resident.
         skeleton = {COMPOSER_MODEL_PREFIX + k: torch.empty(source.specs[k].shape,
                                                            dtype=dtype or source.specs[k].dtype) for k in order}
+        if bias_LE is not None:  # the routers' balancing bias, which the export carried in config.json
+            skeleton.update({COMPOSER_MODEL_PREFIX + ROUTER_BIAS_KEY.format(i=i): torch.empty(bias_LE.shape[1])
+                             for i in range(cfg.n_layers)})
         with torch.serialization.skip_data():
             torch.save({'state': {'model': skeleton}, CARRY_KEY: carried}, tmp)
         del skeleton
@@ -150,6 +156,12 @@ def hf_to_composer(hf_dir: PathLike, out_path: PathLike, *, dtype: Optional[torc
                         out.copy_(_checked_cast(tensor, dtype, key, where, refuse_non_finite=False))
                     bar.update(source.specs[key].nbytes)
                 del target
+        if bias_LE is not None:
+            with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+                target = torch.load(tmp, mmap=True, weights_only=True)['state']['model']
+            for i in range(cfg.n_layers):
+                target[COMPOSER_MODEL_PREFIX + ROUTER_BIAS_KEY.format(i=i)].copy_(bias_LE[i])
+            del target
         # 4. skip_data wrote the zip's CRC-32s for the empty holes; correct them so zip tools accept the file.
         _fix_zip_crcs(tmp)
     log.info('wrote %s (%d tensors, %.1f MB)', out_path, len(order), total / 1e6)
@@ -219,7 +231,9 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
               files: Optional[Mapping[str, bytes]] = None, tokenizer: Any = None, desc: str = '',
               where: str = 'checkpoint', inputs: Sequence[PathLike] = ()) -> Path:
     from safetensors.torch import save_file
-    check_keys({k: s.shape for k, s in source.specs.items()}, cfg, where)
+    weight_keys, bias_keys = split_router_bias(source.specs)
+    check_keys({k: source.specs[k].shape for k in weight_keys}, cfg, where)
+    bias_LE = router_bias_from_state(source.load(bias_keys), cfg, where) if bias_keys else None
     order = list(expected_shapes(cfg))
     shards = _plan_shards(order, source.specs, parse_size(shard_size), dtype)
     names = ([HF_SINGLE_FILE] if len(shards) == 1 else
@@ -252,6 +266,10 @@ def _write_hf(source, cfg: DbrxConfig, out_dir: Path, *, shard_size: Union[int, 
                 (tmp / HF_GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + '\n')
         saved_dtype = dtypes.pop() if len(dtypes) == 1 else None
         config = hf_config_dict(cfg, saved_dtype, base_config)
+        if bias_LE is not None:  # the state's bias is the truth; all zeros is HF's routing, written as nothing
+            config.pop(ROUTER_BIAS_HF_KEY, None)
+            if bias_LE.any():
+                config[ROUTER_BIAS_HF_KEY] = bias_LE.tolist()
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
     log.info('wrote %s (%d shard(s), %.1f MB)', out_dir, len(shards), total / 1e6)
     return out_dir
