@@ -37,6 +37,8 @@ setup(
         'bpe-openai==0.1.4',  # ships the cl100k_base file: the tokenizer works offline
         'setuptools<81',  # llm-foundry imports pkg_resources
         'tqdm',
+        'mlflow>=2.22,<3',  # the shipped YAMLs log to a local MLflow store
+        'matplotlib>=3.8',  # foundry-dbrx plot
     ],
     extras_require={
         # MegaBlocks and grouped_gemm compile CUDA code: install on a machine with a GPU and nvcc.

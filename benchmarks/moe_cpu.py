@@ -22,7 +22,7 @@ from foundry_dbrx.moe import DbrxFFN
 
 def build_pair(d: int, f: int, e: int, k: int):
     torch.manual_seed(0)
-    ours = DbrxFFN(d, DbrxFFNConfig(ffn_hidden_size=f, moe_num_experts=e, moe_top_k=k, moe_backend='eager'))
+    ours = DbrxFFN(d, DbrxFFNConfig(ffn_hidden_size=f, moe_num_experts=e, moe_top_k=k), backend='eager')
     theirs = dMoE(device='cpu', hidden_size=d, ffn_hidden_size=f, moe_num_experts=e, moe_top_k=k, mlp_type='glu',
                   activation_fn=torch.nn.functional.silu, moe_normalize_expert_weights=1, bias=False)
     with torch.no_grad():

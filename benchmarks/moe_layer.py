@@ -83,9 +83,9 @@ def _wire(module, router, mlp, x_TD, dy_TD, router_ED, ws, forward):
 
 
 def build_ours(backend, x_TD, dy_TD, router_ED, ws, d, f, e, k):
-    cfg = DbrxFFNConfig(ffn_hidden_size=f, moe_num_experts=e, moe_top_k=k, moe_backend=backend,
-                        moe_normalize_expert_weights=1.0, moe_loss_weight=0.0)
-    ffn = DbrxFFN(d, cfg, device='meta').to_empty(device='cuda').to(torch.bfloat16)
+    cfg = DbrxFFNConfig(ffn_hidden_size=f, moe_num_experts=e, moe_top_k=k, moe_normalize_expert_weights=1.0,
+                        moe_loss_weight=0.0)
+    ffn = DbrxFFN(d, cfg, backend=backend, device='meta').to_empty(device='cuda').to(torch.bfloat16)
     return _wire(ffn, ffn.router.layer, ffn.experts.mlp, x_TD, dy_TD, router_ED, ws, lambda x: ffn(x)[0])
 
 
@@ -202,7 +202,7 @@ def measure(impl, case, t, d, f, e, k, hot_fraction, warmup, iters):
 def gateup(t, d, f, e, k, warmup, iters):
     """Gate+up as two grouped GEMMs, as one on [w1|v1] concatenated per expert each step, and as one on weights
     stored concatenated (what a fused parameter layout would give, not HF's)."""
-    from foundry_dbrx.moe.grouped_mm import plan_routing
+    from foundry_dbrx.moe.dispatch import plan_routing
     gen = torch.Generator(device='cuda').manual_seed(3)
     n = t * k
     x_ND = torch.randn(n, d, device='cuda', generator=gen, dtype=torch.bfloat16)
@@ -290,7 +290,8 @@ TRITON_CONFIGS = {
 
 def triton_gemm_study(t, d, f, e, k, warmup, iters):
     """The Triton grouped GEMM against torch._grouped_mm, per GEMM form of a step, on real (unaligned) routing."""
-    from foundry_dbrx.moe.grouped_mm import plan_routing, triton_gmm
+    from foundry_dbrx.moe.dispatch import plan_routing
+    from foundry_dbrx.moe.kernels import triton_gmm
     gen = torch.Generator(device='cuda').manual_seed(5)
     n = t * k
     r = lambda *s: torch.randn(*s, device='cuda', generator=gen, dtype=torch.bfloat16)  # noqa: E731

@@ -33,8 +33,10 @@ class DbrxHFCheckpointer(Callback):
         huggingface_folder_name: name of each checkpoint's folder, a Composer format string (``'ba{batch}'``).
         precision: ``'float32'``, ``'bfloat16'`` or ``'float16'``: the dtype of the saved weights.
         shard_size: largest safetensors shard, e.g. ``'5GB'``.
-        overwrite: replace a folder of the same name (default: a run resumed from an earlier Composer checkpoint
-            reaches the same batch again and rewrites that batch's folder, as LLM Foundry's hf_checkpointer does).
+        overwrite: replace a folder of the same name if it is an earlier HF export (it holds the marker these
+            exports write, and nothing else); anything else there stops the run rather than be deleted. Default
+            True: a run resumed from an earlier Composer checkpoint reaches the same batch again and rewrites that
+            batch's folder, as LLM Foundry's hf_checkpointer does.
     """
 
     def __init__(self, save_folder: str, save_interval: Union[str, int, Time],

@@ -29,12 +29,20 @@ SUBCOMMANDS = {
               'FOUNDRY_DBRX_DETERMINISTIC=1 makes GPU runs bit-reproducible (PyTorch deterministic kernels, slower);\n'
               'CPU runs are reproducible without it.',
               'nothing was trained or written'),
-    'convert': ('foundry_dbrx.hf', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR',
+    'convert': ('foundry_dbrx.hf.cli', 'convert checkpoints: hf-to-composer HF_DIR OUT.pt | composer-to-hf CKPT OUT_DIR',
                 'examples:\n  foundry-dbrx convert hf-to-composer ./dbrx-base ./dbrx-base.pt\n'
                 '  foundry-dbrx convert composer-to-hf runs/dbrx-tiny/checkpoints/latest-rank0.pt ./dbrx-tiny-hf '
                 '--config yamls/dbrx-tiny.yaml\n'
                 '  foundry-dbrx convert hf-to-composer --help   (the options of each direction)',
                 'the output was not written (its partial copy was removed)'),
+    'plan': ('foundry_dbrx.plan', 'per-GPU memory, FLOPs and microbatch size of a training YAML on N GPUs',
+             'examples:\n  foundry-dbrx plan yamls/dbrx-132b.yaml --gpus 64 --ep 8\n'
+             '  foundry-dbrx plan yamls/dbrx-gpu-small.yaml --gpus 8 --microbatch 4',
+             'nothing was written'),
+    'plot': ('foundry_dbrx.plot', 'PNGs of a run\'s losses and expert load from its MLflow store: plot RUN',
+             'examples:\n  foundry-dbrx plot dbrx-tiny   (the run of make train, from ./mlruns)\n'
+             '  foundry-dbrx plot my-run --tracking-uri http://host:5000 --out ./plots',
+             'the PNGs not yet written are missing'),
 }
 
 

@@ -9,22 +9,35 @@ Legend: B batch, S sequence, D d_model, H query heads, G kv heads, Hd head dim, 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.config import GQA_IMPLS, DbrxConfig, DbrxTrainingConfig
 from foundry_dbrx.moe.layer import DbrxFFN
-from foundry_dbrx.moe.router import Routing
+from foundry_dbrx.moe.router import DbrxRouter, Routing
+from foundry_dbrx.ops.cross_entropy import linear_cross_entropy
 
-__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'rotary_cos_sin']
+__all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'DbrxLossOutput',
+           'rotary_cos_sin', 'assign_full', 'GQA_IMPLS']
+
+# How attention meets K/V with fewer heads than Q (config.GQA_IMPLS): 'repeat_kv' repeats them per query group first
+# (HF's way, the CPU path of the parity tests); 'enable_gqa' hands SDPA the G heads (torch >= 2.5: its flash kernel
+# reads each K/V head once per group, nothing repeated in memory); 'auto' takes enable_gqa for fp16/bf16 on CUDA.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split('.')[:2]) >= (2, 5)
 
 
 class DbrxOutput(NamedTuple):
     logits: torch.Tensor  # [B, S, V]
     routings: tuple[Routing, ...]  # one per layer, for the auxiliary losses
+
+
+class DbrxLossOutput(NamedTuple):
+    ce_sum: torch.Tensor  # fp32 scalar: the cross entropy summed over the targets that are not ignored
+    routings: tuple[Routing, ...]
 
 
 def rotary_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +63,11 @@ def apply_rotary(x_BHSd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Ten
 class DbrxAttention(nn.Module):
     """Causal GQA self-attention with DBRX's clip on the fused QKV projection (before the split and RoPE)."""
 
-    def __init__(self, cfg: DbrxConfig, device=None):
+    def __init__(self, cfg: DbrxConfig, device=None, gqa_impl: str = 'auto'):
         super().__init__()
         a = cfg.attn_config
         self.n_heads, self.kv_n_heads, self.head_dim = cfg.n_heads, a.kv_n_heads, cfg.head_dim
+        self.gqa_impl = check_gqa_impl(gqa_impl)
         self.clip_qkv, self.rope_theta, self.attn_pdrop = a.clip_qkv, a.rope_theta, a.attn_pdrop
         qkv_out = cfg.d_model + 2 * self.kv_n_heads * self.head_dim
         self.Wqkv = nn.Linear(cfg.d_model, qkv_out, bias=False, device=device)
@@ -72,15 +86,30 @@ class DbrxAttention(nn.Module):
         v_BGSd = v.view(b, s, self.kv_n_heads, self.head_dim).transpose(1, 2)
         q_BHSd = apply_rotary(q_BHSd, cos_SHd, sin_SHd)
         k_BGSd = apply_rotary(k_BGSd, cos_SHd, sin_SHd)
+        gqa = {}
         if self.kv_n_heads != self.n_heads:
-            # Repeat K/V per query group (what HF does); SDPA's enable_gqa is not taken by every kernel.
-            rep = self.n_heads // self.kv_n_heads
-            k_BGSd = k_BGSd.repeat_interleave(rep, dim=1)
-            v_BGSd = v_BGSd.repeat_interleave(rep, dim=1)
+            impl = self.gqa_impl
+            if impl == 'auto':
+                impl = 'enable_gqa' if (_SDPA_HAS_GQA and q_BHSd.is_cuda
+                                        and q_BHSd.dtype in (torch.float16, torch.bfloat16)) else 'repeat_kv'
+            if impl == 'enable_gqa':
+                gqa = {'enable_gqa': True}
+            else:  # repeat K/V per query group, as HF does
+                rep = self.n_heads // self.kv_n_heads
+                k_BGSd = k_BGSd.repeat_interleave(rep, dim=1)
+                v_BGSd = v_BGSd.repeat_interleave(rep, dim=1)
         o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=True,
                                                 dropout_p=self.attn_pdrop if self.training else 0.0,
-                                                scale=1.0 / math.sqrt(self.head_dim))
+                                                scale=1.0 / math.sqrt(self.head_dim), **gqa)
         return self.out_proj(o_BHSd.transpose(1, 2).reshape(b, s, d))
+
+
+def check_gqa_impl(gqa_impl: str) -> str:
+    if gqa_impl not in GQA_IMPLS:
+        raise ValueError(f'gqa_impl ({gqa_impl!r}) must be one of {list(GQA_IMPLS)}')
+    if gqa_impl == 'enable_gqa' and not _SDPA_HAS_GQA:
+        raise ValueError(f"gqa_impl 'enable_gqa' needs torch >= 2.5 (this is {torch.__version__}); use 'repeat_kv'")
+    return gqa_impl
 
 
 class DbrxNormAttentionNorm(nn.Module):
@@ -100,10 +129,11 @@ class DbrxNormAttentionNorm(nn.Module):
 
 
 class DbrxBlock(nn.Module):
-    def __init__(self, cfg: DbrxConfig, device=None):
+    def __init__(self, cfg: DbrxConfig, training: DbrxTrainingConfig, device=None):
         super().__init__()
         self.norm_attn_norm = DbrxNormAttentionNorm(cfg, device=device)
-        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, device=device)
+        self.ffn = DbrxFFN(cfg.d_model, cfg.ffn_config, backend=training.moe_backend,
+                           bias_balancing=training.moe_bias_balancing, device=device)
         self.resid_pdrop = cfg.resid_pdrop
 
     def forward(self, x_BSD, cos_SHd, sin_SHd) -> tuple[torch.Tensor, Routing]:
@@ -115,11 +145,12 @@ class DbrxBlock(nn.Module):
 class DbrxModel(nn.Module):
     """The transformer trunk (HF's ``transformer.``): ``wte``, ``blocks``, ``norm_f``."""
 
-    def __init__(self, cfg: DbrxConfig, device=None):
+    def __init__(self, cfg: DbrxConfig, training: Optional[DbrxTrainingConfig] = None, device=None):
         super().__init__()
         self.cfg = cfg
+        training = training or DbrxTrainingConfig()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
-        self.blocks = nn.ModuleList([DbrxBlock(cfg, device=device) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([DbrxBlock(cfg, training, device=device) for _ in range(cfg.n_layers)])
         self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False, device=device)
         self.emb_pdrop = cfg.emb_pdrop
 
@@ -138,36 +169,88 @@ class DbrxModel(nn.Module):
 
 
 class DbrxForCausalLM(nn.Module):
-    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing."""
+    """DBRX language model: ``DbrxForCausalLM(cfg)(input_ids)`` returns the logits and each layer's routing;
+    ``(input_ids, targets=...)`` returns the summed cross entropy instead, without materialising the logits.
 
-    def __init__(self, cfg: DbrxConfig, device=None):
+    ``training`` supplies the expert backend and whether the routers choose with their balancing bias (the rest of
+    it, such as expert parallelism, is applied from outside by :mod:`foundry_dbrx.parallelize`).
+    """
+
+    def __init__(self, cfg: DbrxConfig, training: Optional[DbrxTrainingConfig] = None, device=None):
         super().__init__()
         self.config = cfg
-        self.transformer = DbrxModel(cfg, device=device)
+        self.training_config = training or DbrxTrainingConfig()
+        self.transformer = DbrxModel(cfg, self.training_config, device=device)
+        for module in self.transformer.modules():
+            if isinstance(module, DbrxAttention):
+                module.gqa_impl = check_gqa_impl(self.training_config.gqa_impl)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
+        # Every parameter's initial value depends only on this seed (the run's, as Composer seeds torch before it
+        # builds the model) and the parameter's name: see init_module. Module names are kept by identity, as
+        # wrappers (FSDP, activation checkpointing) add infixes to the names but keep the modules.
+        self.init_seed = torch.initial_seed()
+        self._module_names = {id(m): name for name, m in self.named_modules()}
         if torch.device(device or 'cpu').type != 'meta':
             self.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor) -> DbrxOutput:
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """``DbrxOutput`` (logits), or with ``targets`` ([B, S], -100 ignored) ``DbrxLossOutput``: the head and the
+        cross entropy run chunk by chunk (:func:`foundry_dbrx.ops.linear_cross_entropy`). The head weight is used
+        here, inside forward, where FSDP has it gathered."""
         h_BSD, routings = self.transformer(input_ids)
-        return DbrxOutput(self.lm_head(h_BSD), routings)
+        if targets is None:
+            return DbrxOutput(self.lm_head(h_BSD), routings)
+        return DbrxLossOutput(linear_cross_entropy(h_BSD, self.lm_head.weight, targets), routings)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for every matrix, the residual-writing ones scaled by 1/sqrt(2 L); ones
-        for the norms."""
+        for the norms; zeros for the routers' balancing bias."""
         for module in self.modules():
             self.init_module(module)
 
     @torch.no_grad()
     def init_module(self, module: nn.Module) -> None:
         """Initialises the parameters owned directly by ``module`` (FSDP's ``param_init_fn`` calls this module by
-        module when the model was built on the meta device)."""
+        module when the model was built on the meta device).
+
+        Each parameter's full value is drawn from a generator seeded by ``init_seed`` and the parameter's name, and a
+        sharded parameter (a DTensor) keeps its shard of it: the model is the same whatever the order of
+        initialisation, the world size, the FSDP version or the expert-parallel degree. Values are drawn on the GPU
+        where there is one, whatever device the parameter lives on: CPU and CUDA generators give different streams,
+        and LLM Foundry builds single-GPU models on the CPU where FSDP would build them on the GPU.
+        """
         std = self.config.initializer_range
+        if isinstance(module, DbrxRouter):
+            module.reset_expert_bias()  # a buffer: materialising a meta-device module leaves it uninitialised
+        prefix = self._module_names[id(module)]
+        draw_on = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else None
         for name, param in module.named_parameters(recurse=False):
+            device = _local(param).device
             if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(param)
-            elif name in getattr(module, 'residual_out_params', ()):
-                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+                full = torch.ones(param.shape, dtype=param.dtype, device=device)
             else:
-                nn.init.normal_(param, std=std)
+                scale = (std / math.sqrt(2 * self.config.n_layers)
+                         if name in getattr(module, 'residual_out_params', ()) else std)
+                fqn = f'{prefix}.{name}' if prefix else name
+                gen_device = draw_on or device
+                gen = torch.Generator(device=gen_device).manual_seed(
+                    (self.init_seed * 1_000_003 + zlib.crc32(fqn.encode())) % 2**63)
+                full = torch.empty(param.shape, dtype=param.dtype, device=gen_device).normal_(0.0, scale,
+                                                                                             generator=gen)
+            assign_full(param, full.to(device))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, 'to_local') else t
+
+
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """``param.copy_(full)`` for a plain tensor; for a DTensor, copies this rank's shard of ``full`` (the whole
+    value, the same on every rank) into the local shard, with no communication."""
+    if hasattr(param, 'device_mesh'):
+        from torch.distributed.tensor import distribute_tensor
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)

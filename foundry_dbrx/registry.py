@@ -14,7 +14,10 @@ ENTRY_POINTS = {
     'llmfoundry_tokenizers': ['dbrx = foundry_dbrx.data.tokenizer:DbrxTokenizer'],
     'llmfoundry_dataloaders': ['dbrx_text = foundry_dbrx.data.loader:build_dbrx_text_dataloader'],
     'llmfoundry_callbacks': ['dbrx_run_summary = foundry_dbrx.summary:RunSummary',
-                             'dbrx_hf_checkpointer = foundry_dbrx.callbacks:DbrxHFCheckpointer'],
+                             'dbrx_hf_checkpointer = foundry_dbrx.callbacks:DbrxHFCheckpointer',
+                             'dbrx_parallelize = foundry_dbrx.parallelize:DbrxParallelize',
+                             'dbrx_divergence_guard = foundry_dbrx.divergence:DivergenceGuard',
+                             'dbrx_expert_load = foundry_dbrx.expert_load:ExpertLoad'],
     'console_scripts': ['foundry-dbrx = foundry_dbrx.cli:main'],
 }
 

@@ -2,14 +2,16 @@
 ``composer -n N -m foundry_dbrx.train YAML``).
 
 A thin layer over LLM Foundry's ``train``. Before anything is built it checks what can be checked cheaply (the YAML
-against LLM Foundry's schema and the model's own config parsing, the datasets on disk, the tokenizer against
-``vocab_size``, the checkpoint that will be loaded); a problem there is one line that names the field or file and the
-fix. It makes sure foundry-dbrx's registrations exist even where the package is only on ``PYTHONPATH``, adds the
-run-summary callback (closing lines; Ctrl-C stops at a step boundary with a checkpoint), then hands over.
+against LLM Foundry's schema and the model's own config parsing, ``model.training`` included, the datasets on disk,
+the tokenizer against ``vocab_size``, the checkpoint that will be loaded); a problem there is one line that names the
+field or file and the fix. It makes sure foundry-dbrx's registrations exist even where the package is only on
+``PYTHONPATH``, adds the run-summary callback (closing lines; Ctrl-C stops at a step boundary with a checkpoint), the
+divergence guard and, for the dbrx model, the ``dbrx_parallelize`` callback, then hands over.
 
-Exit status: 0 done, 1 a training error, 2 bad input found before training, 128 + the signal's number when Ctrl-C
-(130) or SIGTERM (143) stopped the run. ``FOUNDRY_DBRX_DETERMINISTIC=1`` turns on PyTorch's deterministic
-algorithms (bit-identical GPU runs at some cost in speed; CPU runs are deterministic without it).
+Exit status: 0 done, 1 a training error (a diverging run ends with one line naming the step), 2 bad input found
+before training, 128 + the signal's number when Ctrl-C (130) or SIGTERM (143) stopped the run.
+``FOUNDRY_DBRX_DETERMINISTIC=1`` turns on PyTorch's deterministic algorithms (bit-identical GPU runs at some cost in
+speed; CPU runs are deterministic without it).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(yaml_path: str, overrides: Sequence[str] = ()):
-    """The YAML with command-line overrides merged in, plus the run-summary callback."""
+    """The YAML with command-line overrides merged in, plus the run-summary and divergence-guard callbacks and,
+    for the dbrx model, the ``dbrx_parallelize`` callback."""
     from omegaconf import OmegaConf as om
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
@@ -66,12 +69,34 @@ def load_config(yaml_path: str, overrides: Sequence[str] = ()):
     try:
         if overrides:
             cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
-        callbacks = cfg.get('callbacks') or {}
-        if 'dbrx_run_summary' not in callbacks:
-            cfg.callbacks = om.merge(callbacks, {'dbrx_run_summary': {}})
+        cfg.callbacks = _with_dbrx_callbacks(cfg)
     except OmegaConfBaseException as e:
         raise TrainInputError(f'{yaml_path} with overrides {list(overrides)}: {_one_line(e)}') from None
     return cfg
+
+
+def _with_dbrx_callbacks(cfg):
+    from omegaconf import OmegaConf as om
+    callbacks = cfg.get('callbacks') or {}
+    added = ['dbrx_run_summary', 'dbrx_divergence_guard']
+    if (cfg.get('model') or {}).get('name', 'dbrx') == 'dbrx':
+        added.append('dbrx_parallelize')  # the dbrx model's plan; other models (mpt_dbrx_moe) keep Composer's
+    for name in added:
+        if name not in callbacks:
+            callbacks = om.merge(callbacks, {name: {}})
+    fsdp = cfg.get('fsdp_config') or {}
+    if 'dbrx_parallelize' in callbacks and fsdp.get('activation_checkpointing') and \
+            'activation_checkpointing' not in (callbacks.get('dbrx_parallelize') or {}):
+        # LLM Foundry drops fsdp_config on one process, and activation checkpointing with it: keep the YAML's intent
+        callbacks = om.merge(callbacks, {'dbrx_parallelize': {'activation_checkpointing': True}})
+    return callbacks
+
+
+def _wants_fsdp2(cfg) -> bool:
+    """Expert parallelism and replication are applied under FSDP2 (foundry_dbrx/parallelize.py)."""
+    training = (cfg.get('model') or {}).get('training') or {}
+    return (cfg.get('fsdp_config') is not None and (int(training.get('expert_parallel_degree', 1)) > 1
+                                                    or int(training.get('data_parallel_replicate_degree', 1)) > 1))
 
 
 # ---------------------------------------------------------------------------------------------------- pre-flight
@@ -155,7 +180,7 @@ def _check_model(cfg: dict) -> Optional[int]:
         return model.get('vocab_size')  # LLM Foundry's models check themselves
     from foundry_dbrx.composer_model import config_from_model_section
     try:
-        return config_from_model_section(model).vocab_size
+        return config_from_model_section(model)[0].vocab_size
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise TrainInputError(f'model: {_one_line(e)}') from None
 
@@ -386,12 +411,21 @@ def run(args: argparse.Namespace) -> int:
         configure_deterministic_mode()
     from llmfoundry.command_utils import train
 
+    from foundry_dbrx.divergence import DivergenceError
     from foundry_dbrx.summary import RunInterrupted
+    if _wants_fsdp2(cfg) and os.environ.get('FSDP_VERSION', '1') != '2':
+        # Composer 0.32 picks FSDP2 from this variable when it builds the Trainer, after this point.
+        os.environ['FSDP_VERSION'] = '2'
+        if _is_rank_zero():
+            print(f'{PREFIX} expert parallelism / replication: FSDP2 (FSDP_VERSION=2)', flush=True)
     new_folders = _missing_folders(_save_folder(_resolved(cfg)))
     try:
         trainer = train(cfg)
     except RunInterrupted:
         return 130  # a second Ctrl-C; the run's closing lines (at exit) say what was saved
+    except DivergenceError as e:
+        _error(str(e))
+        return 1
     except KeyboardInterrupt:
         _remove_empty(new_folders)  # Composer makes the save folder when it builds the trainer
         _error(interrupted)

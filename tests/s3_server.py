@@ -42,9 +42,28 @@ class LoopbackS3:
         self.endpoint = f'http://127.0.0.1:{self.port}'
         self._server = None
         self._thread: Optional[threading.Thread] = None
-        self._app = DomainDispatcherApplication(create_backend_app)
+        self._moto = DomainDispatcherApplication(create_backend_app)
         self._dropper: Optional[socket.socket] = None
         self.dropped = 0  # connections turned away while stopped with count_attempts
+        self.writes = 0  # PUT / POST / DELETE requests answered (or refused) since the last fail_writes_after
+        self._writes_allowed: Optional[int] = None
+
+    def fail_writes_after(self, n: Optional[int]) -> None:
+        """From now on, answer the first ``n`` write requests (PUT, POST, DELETE) and refuse every later one with
+        403 AccessDenied, as a store whose credentials lose write access part-way does (``None``: accept all).
+        A 403 is not retried by botocore, so the failure happens exactly at write ``n + 1``."""
+        self.writes, self._writes_allowed = 0, n
+
+    def _app(self, environ, start_response):
+        if environ['REQUEST_METHOD'] in ('PUT', 'POST', 'DELETE'):
+            self.writes += 1
+            if self._writes_allowed is not None and self.writes > self._writes_allowed:
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                        b'<Message>write access revoked (test)</Message></Error>')
+                start_response('403 Forbidden', [('Content-Type', 'application/xml'),
+                                                 ('Content-Length', str(len(body)))])
+                return [body]
+        return self._moto(environ, start_response)
 
     def start(self) -> 'LoopbackS3':
         if self._dropper is not None:

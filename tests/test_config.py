@@ -1,11 +1,14 @@
-"""DbrxConfig: HF config.json loads as it is; every bad value names its field, value and rule; 132B counts."""
+"""DbrxConfig: HF config.json loads as it is; every bad value names its field, value and rule; architecture sizes
+are required; training choices live apart (DbrxTrainingConfig); 132B counts."""
 
+import copy
 import json
 
 import pytest
 import torch
 
 from foundry_dbrx import DbrxConfig, DbrxForCausalLM
+from foundry_dbrx.config import DbrxTrainingConfig
 from tests.conftest import DBRX_132B, tiny_config
 
 
@@ -40,8 +43,10 @@ def test_yaml_dict_is_not_mutated():
     ({'attn_config__rope_theta': 0}, r'attn_config.rope_theta \(0\) must be a positive number'),
     ({'ffn_config__moe_jitter_eps': 1.5}, r'ffn_config.moe_jitter_eps \(1.5\) must be a number in \[0, 1\)'),
     ({'ffn_config__moe_loss_weight': -0.1}, r'ffn_config.moe_loss_weight \(-0.1\) must be a number >= 0'),
-    ({'ffn_config__moe_backend': 'fast'}, r"ffn_config.moe_backend \('fast'\) must be one of"),
-    ({'ffn_config__moe_lb_loss_type': 'x'}, r"ffn_config.moe_lb_loss_type \('x'\) must be one of \['switch', 'megablocks'\]"),
+    # training choices are not part of the HF config: the error says where they went
+    ({'ffn_config__moe_backend': 'eager'},
+     r'ffn_config: moe_backend is a training choice, .* set model.training.moe_backend instead'),
+    ({'ffn_config__moe_lb_loss_type': 'switch'}, r'set model.training.moe_lb_loss_type instead'),
     ({'ffn_config__ffn_act_fn': {'name': 'gelu'}}, r'ffn_config.ffn_act_fn .* must be'),
     ({'resid_pdrop': 1.0}, r'resid_pdrop \(1.0\) must be a number in \[0, 1\)'),
     # NaN passes every `x <= 0` check; infinities and bools are not numbers a config means either.
@@ -57,6 +62,44 @@ def test_yaml_dict_is_not_mutated():
 def test_bad_config_names_field_value_and_rule(overrides, message):
     with pytest.raises(ValueError, match=message):
         DbrxConfig.from_dict(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize('path', ['n_layers', 'd_model', 'vocab_size', 'max_seq_len', 'attn_config.rope_theta',
+                                  'attn_config.kv_n_heads', 'attn_config.clip_qkv', 'ffn_config.moe_num_experts',
+                                  'ffn_config.moe_top_k', 'ffn_config.ffn_hidden_size'])
+def test_an_omitted_architecture_field_is_an_error_not_a_default(path):
+    cfg = tiny_config()
+    *outer, name = path.split('.')
+    del (cfg[outer[0]] if outer else cfg)[name]
+    where = outer[0] if outer else 'model config'
+    with pytest.raises(ValueError, match=rf"{where}: missing required key\(s\) \['{name}'\]"):
+        DbrxConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize('values, message', [
+    ({'moe_backend': 'fast'}, r"training.moe_backend \('fast'\) must be one of"),
+    ({'moe_lb_loss_type': 'x'}, r"training.moe_lb_loss_type \('x'\) must be one of \['switch', 'megablocks'\]"),
+    ({'expert_parallel_degree': 0}, r'training.expert_parallel_degree \(0\) must be a positive integer'),
+    ({'activation_checkpointing': 'mlp'}, r"training.activation_checkpointing \('mlp'\) must be one of"),
+    ({'activation_checkpointing_every': True}, r'activation_checkpointing_every \(True\) must be a positive'),
+    ({'ffn_hidden_size': 8}, r"model.training: unknown key\(s\) \['ffn_hidden_size'\]"),
+])
+def test_bad_training_choice_names_field_value_and_rule(values, message):
+    with pytest.raises(ValueError, match=message):
+        DbrxTrainingConfig.from_dict(values)
+
+
+def test_expert_parallel_degree_must_divide_the_experts():
+    cfg = DbrxConfig.from_dict(tiny_config())  # 16 experts
+    DbrxTrainingConfig(expert_parallel_degree=4).check_model(cfg)
+    with pytest.raises(ValueError, match=r'expert_parallel_degree \(3\) must divide ffn_config.moe_num_experts'):
+        DbrxTrainingConfig(expert_parallel_degree=3).check_model(cfg)
+
+
+def test_the_hf_config_carries_no_training_choice():
+    hf = DbrxConfig.from_dict(copy.deepcopy(DBRX_132B)).to_hf_dict()
+    assert set(hf['ffn_config']) == set(DBRX_132B['ffn_config'])
+    assert set(hf['attn_config']) == set(DBRX_132B['attn_config'])
 
 
 def test_clip_qkv_none_is_accepted():

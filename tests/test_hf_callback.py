@@ -154,11 +154,11 @@ def test_fsdp_gather_and_sharded_checkpoint_conversion(tmp_path):
     # Single-process reference: same init, the whole batch (FSDP averages the two halves' gradients).
     torch.manual_seed(0)
     reference = DbrxForCausalLM(DbrxConfig.from_dict(CFG))
-    initial = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    initial = {k: v.detach().clone() for k, v in reference.named_parameters()}  # HF holds the parameters
     logits = reference(ids).logits
     F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
     torch.optim.SGD(reference.parameters(), lr=0.5).step()
-    expected = {k: v.detach() for k, v in reference.state_dict().items()}
+    expected = {k: v.detach() for k, v in reference.named_parameters()}
 
     gathered = read_hf_weights(tmp_path / 'gathered')
     assert sorted(gathered) == sorted(expected)
@@ -197,7 +197,8 @@ def test_finetune_recipe_starts_from_hf_and_writes_hf_checkpoints(tmp_path):
                  'device_train_microbatch_size=2', 'eval_first=false', 'eval_interval=2ba', 'eval_subset_num_batches=1',
                  'run_name=ft', f'save_folder={tmp_path}/ckpt', 'save_interval=2ba',
                  f'callbacks.dbrx_hf_checkpointer.save_folder={tmp_path}/hf-out', 'callbacks.dbrx_hf_checkpointer.save_interval=2ba',
-                 'callbacks.dbrx_hf_checkpointer.precision=float32', 'scheduler.t_warmup=0ba']
+                 'callbacks.dbrx_hf_checkpointer.precision=float32', 'scheduler.t_warmup=0ba',
+                 f'loggers.mlflow.tracking_uri={tmp_path}/mlruns']
     trainer = train(load_config(str(ROOT / 'yamls' / 'dbrx-finetune-hf.yaml'), overrides))
     assert trainer.state.model.config.d_model == CFG['d_model']  # filled in from config.json
     assert trainer.state.model.config.max_seq_len == 64  # the YAML's training choice

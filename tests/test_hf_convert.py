@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from foundry_dbrx import hf
 from foundry_dbrx.composer_model import ComposerDbrxCausalLM
 from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.outputs import OutputError
 
 from conftest import VENV_BIN, subprocess_env
 
@@ -57,7 +58,7 @@ def hf_dir(tmp_path_factory):
 
 
 def leftovers(folder):
-    return [p.name for p in folder.iterdir() if '.partial-' in p.name or '.old-' in p.name]
+    return [p.name for p in folder.iterdir() if '.partial-' in p.name or '.old-' in p.name or p.name.endswith('.lock')]
 
 
 def test_round_trip_is_byte_identical_and_loads_in_transformers(hf_dir, tmp_path):
@@ -171,16 +172,28 @@ def test_unmapped_missing_and_misshaped_keys_are_all_listed(hf_dir, tmp_path):
     assert not (tmp_path / 'out.pt').exists() and leftovers(tmp_path) == []
 
 
+def without_carried_config(pt, path):
+    """The weights of ``pt`` as Composer itself saves them: no config.json or tokenizer files carried."""
+    torch.save({'state': torch.load(pt, weights_only=True)['state']}, path)
+    return path
+
+
 def test_composer_checkpoint_checked_against_the_given_config(hf_dir, tmp_path):
+    """A Composer checkpoint that carries no config (as Composer writes them) is checked key by key against --config;
+    one that carries its config.json refuses a --config that contradicts it."""
     pt = hf.hf_to_composer(hf_dir, tmp_path / 'dbrx.pt')
+    plain = without_carried_config(pt, tmp_path / 'plain.pt')
     wrong = DbrxConfig.from_dict({**CFG, 'n_layers': 3})
     with pytest.raises(hf.KeyMismatchError, match=r'missing key\(s\): transformer.blocks.2'):
+        hf.composer_to_hf(plain, tmp_path / 'export', config=wrong)
+    with pytest.raises(ValueError, match=r'contradicts the architecture the checkpoint carries on 1 field\(s\): '
+                                         r'n_layers: config= has 3, the config.json carried by .*dbrx.pt has 2'):
         hf.composer_to_hf(pt, tmp_path / 'export', config=wrong)
     assert not (tmp_path / 'export').exists() and leftovers(tmp_path) == []
 
 
 def test_export_refuses_what_transformers_cannot_express(hf_dir, tmp_path):
-    pt = hf.hf_to_composer(hf_dir, tmp_path / 'dbrx.pt')
+    pt = without_carried_config(hf.hf_to_composer(hf_dir, tmp_path / 'dbrx.pt'), tmp_path / 'plain.pt')
     odd_eps = DbrxConfig.from_dict({**CFG, 'layer_norm_eps': 1e-6})
     with pytest.raises(ValueError, match=r'layer_norm_eps \(1e-06\) must be 1e-05'):
         hf.composer_to_hf(pt, tmp_path / 'export', config=odd_eps)
@@ -204,7 +217,7 @@ def test_failure_mid_write_leaves_no_output(hf_dir, tmp_path, monkeypatch):
     assert len(calls) == 2
     assert not (tmp_path / 'export').exists() and leftovers(tmp_path) == []
 
-    monkeypatch.setattr(hf, '_fix_zip_crcs', lambda path: (_ for _ in ()).throw(OSError('killed (simulated)')))
+    monkeypatch.setattr(hf.convert, '_fix_zip_crcs', lambda path: (_ for _ in ()).throw(OSError('killed (simulated)')))
     with pytest.raises(OSError, match='simulated'):
         hf.hf_to_composer(hf_dir, tmp_path / 'again.pt')
     assert not (tmp_path / 'again.pt').exists() and leftovers(tmp_path) == []
@@ -212,10 +225,12 @@ def test_failure_mid_write_leaves_no_output(hf_dir, tmp_path, monkeypatch):
 
 def test_existing_output_needs_overwrite(hf_dir, tmp_path):
     pt = hf.hf_to_composer(hf_dir, tmp_path / 'dbrx.pt')
-    with pytest.raises(FileExistsError, match='overwrite'):
+    with pytest.raises(OutputError, match='holds an earlier output of foundry-dbrx convert hf-to-composer; pass '
+                                          '--overwrite to replace it'):
         hf.hf_to_composer(hf_dir, pt)
+    hf.hf_to_composer(hf_dir, pt, dtype=torch.float32, overwrite=True)
     hf.composer_to_hf(pt, tmp_path / 'export')
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match='holds an earlier output of foundry-dbrx HF export; pass --overwrite'):
         hf.composer_to_hf(pt, tmp_path / 'export')
     hf.composer_to_hf(pt, tmp_path / 'export', dtype=torch.float32, overwrite=True)
     assert read_hf_weights(tmp_path / 'export')['lm_head.weight'].dtype == torch.float32
@@ -239,8 +254,11 @@ def test_cli_round_trip_with_progress(hf_dir, tmp_path, capsys):
     args = ['convert', 'composer-to-hf', str(tmp_path / 'dbrx.pt'), str(tmp_path / 'export')]
     assert main(args + ['--shard-size', '100KB']) == 0
     assert_bytes_equal(read_hf_weights(hf_dir), read_hf_weights(tmp_path / 'export'))
+    capsys.readouterr()
     assert main(args) == 1
-    assert 'exists' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith('foundry-dbrx convert: error: OUT_DIR ') and len(err.strip().splitlines()) == 1, err
+    assert 'export holds an earlier output of foundry-dbrx HF export; pass --overwrite to replace it' in err
 
 
 # Peak memory of the streamed conversion, measured in a child process: VmHWM reset just before the conversion

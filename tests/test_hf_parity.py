@@ -24,7 +24,7 @@ import transformers
 from foundry_dbrx.composer_model import ComposerDbrxCausalLM
 from foundry_dbrx.config import DbrxConfig
 from foundry_dbrx.model import DbrxForCausalLM
-from foundry_dbrx.moe.losses import megablocks_load_balancing_loss, switch_load_balancing_loss
+from foundry_dbrx.moe.losses import load_balancing_loss
 
 # Named tiny configs covering: GQA / MHA / MQA, clip_qkv engaged and off, top-1 / top-2 / top-3 / top-4,
 # rope_theta 10000 and 500000, p-norm 1, 2 and none, odd sizes (d_model 36, head_dim 12, vocab 997, F 50, E 5).
@@ -177,8 +177,8 @@ def test_load_balancing_losses_match_their_formulas(name):
     for r, p in zip(routings, hf_probs):
         torch.testing.assert_close(r.probs_TE, p, atol=1e-6, rtol=0)
     expected = switch_loss_by_formula(hf_probs, top_k)
-    torch.testing.assert_close(switch_load_balancing_loss(routings, e), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(megablocks_load_balancing_loss(routings, e),
+    torch.testing.assert_close(load_balancing_loss(routings, e, 'switch'), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(load_balancing_loss(routings, e, 'megablocks'),
                                megablocks_loss_by_formula(hf_probs, top_k), atol=1e-6, rtol=0)
     # transformers 4.51's own aux loss softmaxes those probabilities a second time (transformers issue 39055): it is
     # the formula applied to softmax(p), not to p, which is why it is not the ground truth here.

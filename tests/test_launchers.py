@@ -55,7 +55,8 @@ def _overrides(data, run_dir):
     return [f'variables.data_local={data}', 'variables.max_seq_len=64', 'model.n_layers=2', 'model.d_model=32',
             'model.ffn_config.ffn_hidden_size=64', f'max_duration={STEPS}ba', 'global_train_batch_size=4',
             'device_train_microbatch_size=2', 'console_log_interval=100ba', f'save_folder={run_dir}/ckpt',
-            f'save_interval={STEPS}ba', f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json']
+            f'save_interval={STEPS}ba', f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json',
+            f'loggers.mlflow.tracking_uri={run_dir}/mlruns']
 
 
 def _check_run(proc, run_dir):

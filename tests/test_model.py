@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from foundry_dbrx import DbrxConfig, DbrxForCausalLM
 from foundry_dbrx.config import DbrxFFNConfig
 from foundry_dbrx.moe import DbrxFFN, eager_experts, load_balancing_loss
+from foundry_dbrx.moe.layer import routed_experts
 from foundry_dbrx.moe.router import Routing
 from tests.conftest import tiny_config
 
@@ -71,7 +72,7 @@ def test_eager_experts_match_per_token_reference(routing):
         experts = torch.full((t, 1), 3)
         k = 1
     weights = torch.rand(t, k, dtype=torch.float64, requires_grad=True)
-    got = eager_experts(x, weights, experts, *ws)
+    got = routed_experts(eager_experts, x, weights, experts, *ws)
     want = _per_token_reference(x, weights, experts, *ws)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     grad_out = torch.randn_like(got)
@@ -85,8 +86,7 @@ def test_eager_experts_match_per_token_reference(routing):
 
 
 def test_router_topk_and_renormalisation():
-    cfg = DbrxFFNConfig(ffn_hidden_size=8, moe_num_experts=5, moe_top_k=2, moe_normalize_expert_weights=2.0,
-                        moe_backend='eager')
+    cfg = DbrxFFNConfig(ffn_hidden_size=8, moe_num_experts=5, moe_top_k=2, moe_normalize_expert_weights=2.0)
     ffn = DbrxFFN(4, cfg)
     x = torch.randn(7, 4)
     r = ffn.router(x)
@@ -139,15 +139,15 @@ def test_composer_model_loss_parts_and_flops():
     from foundry_dbrx.composer_model import ComposerDbrxCausalLM
 
     torch.manual_seed(0)
-    model = ComposerDbrxCausalLM(**tiny_config(ffn_config__moe_lb_loss_type='switch'))
+    model = ComposerDbrxCausalLM(**tiny_config(), training={'moe_lb_loss_type': 'switch'})
     ids = torch.randint(0, 512, (2, 16))
     batch = {'input_ids': ids, 'labels': ids.clone()}
     out = model(batch)
     loss = model.loss(out, batch)
-    assert set(loss) == {'total', 'ce', 'lb_loss_switch'}
+    assert set(loss) == {'total', 'ce', 'lb_loss_switch', 'z_loss'}
     ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(loss['ce'], ce)
-    torch.testing.assert_close(loss['total'], ce + 0.05 * loss['lb_loss_switch'])
+    torch.testing.assert_close(loss['total'], ce + 0.05 * loss['lb_loss_switch'])  # z-loss weight 0 by default
     loss['total'].backward()
     assert model.model.transformer.blocks[0].ffn.router.layer.weight.grad.abs().sum() > 0
     # Counted by hand for TINY (d 32, 4 heads of 8, 2 KV heads, 2 layers, vocab 512, F 48, 16 experts, top-4):
@@ -174,25 +174,30 @@ def test_dbrx_moe_inside_llm_foundry_mpt():
            'moe_loss_weight': 0.5}
     model = ComposerMPTDbrxMoE(**common, ffn_config=ffn, loss_fn='torch_crossentropy')
     layers = [b.ffn for b in model.model.transformer.blocks]
-    assert all(type(m).__name__ == 'MPTDbrxMoE' and m.num_layers == 2 for m in layers)
+    assert all(type(m).__name__ == 'MPTDbrxMoE' and m.losses_collected for m in layers)
     assert layers[0].ffn.cfg.ffn_hidden_size == 64
     model.train()
     ids = torch.randint(0, 256, (2, 16))
     batch = {'input_ids': ids, 'labels': ids.clone()}
-    loss = model.loss(model(batch), batch)
-    assert set(loss) == {'total', 'loss', 'lb_loss_weighted'}
-    assert 0.5 * 0.5 < loss['lb_loss_weighted'].item() < 0.5 * 4  # balanced gives weight * 1
+    out = model(batch)
+    assert len(out.routings) == 2 and out.routings[0].probs_TE.shape == (32, 4)
+    loss = model.loss(out, batch)
+    assert set(loss) == {'total', 'ce', 'lb_loss_megablocks', 'z_loss'}
+    # The same formulas as the dbrx model, from the routings the forward returned.
+    torch.testing.assert_close(loss['lb_loss_megablocks'], load_balancing_loss(out.routings, 4, 'megablocks'))
+    torch.testing.assert_close(loss['total'], loss['ce'] + 0.5 * loss['lb_loss_megablocks'])
+    assert 1.0 <= loss['lb_loss_megablocks'].item() < 4  # balanced gives 1
     router = layers[-1].ffn.router.layer.weight
-    (grad,) = torch.autograd.grad(loss['lb_loss_weighted'], router)
+    (grad,) = torch.autograd.grad(loss['lb_loss_megablocks'], router)
     assert grad.abs().sum() > 0
-    assert all(m.pop_lb_loss() is None for m in layers)  # collected: nothing left behind
+    assert all(not m.ffn._forward_hooks for m in layers)  # the collecting hooks lived for that forward only
     total = sum(p.numel() for p in model.parameters())
     assert model.n_active_params == total - 2 * (4 - 2) * 3 * 64 * 32
 
-    # n_layers left to MPTConfig's default (24): each layer still divides by the real layer count.
+    # n_layers left to MPTConfig's default (24): every layer's routing reaches the loss.
     deep = ComposerMPTDbrxMoE(**{k: v for k, v in common.items() if k != 'n_layers'}, ffn_config=ffn,
                               loss_fn='torch_crossentropy')
-    assert {b.ffn.num_layers for b in deep.model.transformer.blocks} == {24}
+    assert len(deep(batch).routings) == 24
 
     # Reentrant checkpointing runs the blocks without autograd: the loss refuses rather than train without it.
     model.train()

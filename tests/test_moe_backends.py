@@ -1,5 +1,6 @@
 """Every expert backend against ``eager``: outputs and gradients, on balanced, skewed and empty-expert routings.
 
+Every backend runs behind the local dispatcher (routing plan, row gather, gather-sum combine), as in the layer.
 On CPU the ``grouped_mm`` autograd function runs with plain-PyTorch stand-ins for ``torch._grouped_mm``
 (``TorchOps``), and again with its Triton kernels in Triton's interpreter, so the permutation, weight folding,
 in-place backward and kernel math are all checked in CI. The CUDA tests run the real kernels in bf16 against an
@@ -10,6 +11,7 @@ Legend: T tokens, D d_model, F ffn_hidden_size, E experts, K top_k.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,25 +22,15 @@ import torch
 
 from foundry_dbrx.config import MOE_BACKENDS, DbrxFFNConfig
 from foundry_dbrx.moe import BACKENDS, DbrxFFN, eager_experts, resolve_backend
-from foundry_dbrx.moe import grouped_mm, megablocks_backend
-from foundry_dbrx.moe.grouped_mm import TorchOps, grouped_mm_experts, plan_routing
+from foundry_dbrx.moe import grouped_mm, kernels, megablocks_backend
+from foundry_dbrx.moe.dispatch import plan_routing
+from foundry_dbrx.moe.grouped_mm import grouped_mm_experts
+from foundry_dbrx.moe.kernels import TorchOps
+from foundry_dbrx.moe.layer import routed_experts
+from tests.conftest import make_routing
 
 ROUTINGS = ('balanced', 'skewed', 'empty')
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-
-
-def make_routing(kind: str, t: int, k: int, e: int, gen: torch.Generator) -> torch.Tensor:
-    """experts_TK with distinct experts per token. 'skewed': expert 0 in every token's top-k and expert 1 in a
-    third of them; 'empty': only experts 1..k+1 are used (expert 0 and the last ones get nothing)."""
-    scores_TE = torch.rand(t, e, generator=gen)
-    if kind == 'skewed':
-        scores_TE[:, 0] += 2.0
-        scores_TE[: t // 3, 1] += 1.0
-    elif kind == 'empty':
-        scores_TE[:, 1:k + 2] += 2.0
-    elif kind != 'balanced':
-        raise ValueError(kind)
-    return scores_TE.topk(k, dim=1).indices
 
 
 def make_inputs(t, d, f, e, k, kind, dtype=torch.float32, device='cpu', seed=0):
@@ -54,10 +46,11 @@ def make_inputs(t, d, f, e, k, kind, dtype=torch.float32, device='cpu', seed=0):
 
 
 def run(fn, leaves, experts_TK, dy_TD, **kwargs):
-    """Output and the gradients of (x, weights, w1, v1, w2), on fresh copies of the leaves."""
+    """Output and the gradients of (x, weights, w1, v1, w2) of backend ``fn`` behind the local dispatcher, on fresh
+    copies of the leaves."""
     leaves = [v.detach().clone().requires_grad_() for v in leaves]
     x_TD, weights_TK, w1, v1, w2 = leaves
-    y_TD = fn(x_TD, weights_TK, experts_TK, w1, v1, w2, **kwargs)
+    y_TD = routed_experts(functools.partial(fn, **kwargs), x_TD, weights_TK, experts_TK, w1, v1, w2)
     y_TD.backward(dy_TD)
     return [y_TD.detach()] + [v.grad for v in leaves]
 
@@ -121,8 +114,8 @@ def test_grouped_mm_logic_matches_eager_on_cpu(kind):
 def _ffn_pair(backend: str, d=32, f=48, e=8, k=2, dtype=torch.float32, device='cpu'):
     torch.manual_seed(0)
     cfg = dict(ffn_hidden_size=f, moe_num_experts=e, moe_top_k=k, moe_loss_weight=0.0)
-    ref = DbrxFFN(d, DbrxFFNConfig(moe_backend='eager', **cfg), device=device, dtype=dtype)
-    ffn = DbrxFFN(d, DbrxFFNConfig(moe_backend=backend, **cfg), device=device, dtype=dtype)
+    ref = DbrxFFN(d, DbrxFFNConfig(**cfg), backend='eager', device=device, dtype=dtype)
+    ffn = DbrxFFN(d, DbrxFFNConfig(**cfg), backend=backend, device=device, dtype=dtype)
     ffn.load_state_dict(ref.state_dict())
     return ref, ffn
 
@@ -151,7 +144,7 @@ def test_grouped_mm_through_the_full_ffn_on_cpu(monkeypatch):
 
 def test_grouped_mm_refuses_a_second_backward():
     leaves, experts_TK, dy_TD = make_inputs(t=8, d=8, f=8, e=4, k=2, kind='balanced')
-    y_TD = grouped_mm_experts(*leaves[:2], experts_TK, *leaves[2:], ops=TorchOps)
+    y_TD = routed_experts(functools.partial(grouped_mm_experts, ops=TorchOps), *leaves[:2], experts_TK, *leaves[2:])
     y_TD.backward(dy_TD, retain_graph=True)
     with pytest.raises(RuntimeError, match='retain_graph'):
         y_TD.backward(dy_TD)
@@ -160,17 +153,19 @@ def test_grouped_mm_refuses_a_second_backward():
 def test_grouped_mm_names_the_alignment_rule():
     leaves, experts_TK, _ = make_inputs(t=8, d=12, f=8, e=4, k=2, kind='balanced')
     with pytest.raises(ValueError, match=r'd_model \(12\).*multiples of 8'):
-        grouped_mm_experts(*leaves[:2], experts_TK, *leaves[2:], ops=grouped_mm.TritonOps)
+        routed_experts(functools.partial(grouped_mm_experts, ops=kernels.TritonOps), *leaves[:2], experts_TK,
+                       *leaves[2:])
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent('''
     import torch
     from foundry_dbrx.moe import eager_experts
-    from foundry_dbrx.moe.grouped_mm import TorchOps, TritonOps, grouped_mm_experts
+    from foundry_dbrx.moe.grouped_mm import grouped_mm_experts
+    from foundry_dbrx.moe.kernels import TorchOps, TritonOps
     import test_moe_backends as t
 
     import numpy as np
-    from foundry_dbrx.moe import grouped_mm
+    from foundry_dbrx.moe import kernels
 
     class InterpretedOps(TritonOps):
         gmm = staticmethod(TorchOps.gmm)  # torch._grouped_mm has no CPU kernel in torch 2.7
@@ -182,12 +177,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent('''
         loaded_loop_bounds = True
     except TypeError:
         loaded_loop_bounds = False
-    for form in grouped_mm.TRITON_GEMM_CONFIG.values():
+    for form in kernels.TRITON_GEMM_CONFIG.values():
         form.update(BM=16, BN=16, BK=16, GROUP_M=2)  # small tiles: the interpreter is slow
     for kind in t.ROUTINGS:
         leaves, experts_TK, dy_TD = t.make_inputs(t=13, d=16, f=40, e=6, k=2, kind=kind)
         want = t.run(eager_experts, leaves, experts_TK, dy_TD)
-        for ops in (InterpretedOps, grouped_mm.TritonGemmOps) if loaded_loop_bounds else (InterpretedOps,):
+        for ops in (InterpretedOps, kernels.TritonGemmOps) if loaded_loop_bounds else (InterpretedOps,):
             got = t.run(grouped_mm_experts, leaves, experts_TK, dy_TD, ops=ops)
             t.assert_close_all(got, want, rtol=1e-4, atol=1e-5)
 
@@ -198,11 +193,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent('''
         a_ND = torch.randn(ends[-1], 24, generator=gen)
         for b in (torch.randn(len(ends), 24, 40, generator=gen),
                   torch.randn(len(ends), 40, 24, generator=gen).transpose(1, 2)):
-            torch.testing.assert_close(grouped_mm.triton_gmm(a_ND, b, offs_E), TorchOps.gmm(a_ND, b, offs_E))
+            torch.testing.assert_close(kernels.triton_gmm(a_ND, b, offs_E), TorchOps.gmm(a_ND, b, offs_E))
         c_NF = torch.randn(ends[-1], 40, generator=gen)
         if loaded_loop_bounds:
-            torch.testing.assert_close(grouped_mm.triton_gmm(a_ND.t(), c_NF, offs_E),
+            torch.testing.assert_close(kernels.triton_gmm(a_ND.t(), c_NF, offs_E),
                                        TorchOps.gmm(a_ND.t(), c_NF, offs_E))
+
+    # The dispatcher's gather-sum (the combine, and the input gradient of the row gather).
+    src_ND = torch.randn(21, 40, generator=gen)
+    pos_N = torch.randperm(21, generator=gen)
+    torch.testing.assert_close(TritonOps.unpermute_sum(src_ND, pos_N, 3), TorchOps.unpermute_sum(src_ND, pos_N, 3))
 
     # The empty-expert zero fill, on a gradient that is not zero to begin with.
     grad = torch.ones(4, 3, 5)
@@ -244,7 +244,7 @@ def test_megablocks_missing_gives_the_install_hint(monkeypatch):
     assert reason is not None and "pip install 'foundry-dbrx[gpu]'" in reason
     leaves, experts_TK, _ = make_inputs(t=4, d=8, f=8, e=4, k=2, kind='balanced')
     with pytest.raises(ImportError, match=r'foundry-dbrx\[gpu\]'):
-        megablocks_backend.megablocks_experts(*leaves[:2], experts_TK, *leaves[2:])
+        routed_experts(megablocks_backend.megablocks_experts, *leaves[:2], experts_TK, *leaves[2:])
 
 
 # --- CUDA: the real kernels, bf16 against an fp32 reference ----------------------------------------------------
@@ -344,7 +344,7 @@ def test_grouped_gemms_match_the_cpu_stand_in_cuda():
     c_NF = torch.randn(333, 48, generator=gen).bfloat16()
     for a, b in ((a_ND, b_EDF), (a_ND.t(), c_NF), (a_ND, b_EDF.transpose(1, 2).contiguous().transpose(1, 2))):
         want = TorchOps.gmm(a.float(), b.float(), offs_E)
-        for gmm in (torch._grouped_mm, grouped_mm.triton_gmm):
+        for gmm in (torch._grouped_mm, kernels.triton_gmm):
             got = gmm(a.cuda(), b.cuda(), offs=offs_E.cuda())
             torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2)
     assert resolve_backend('auto', torch.device('cuda')).name in ('grouped_mm', 'megablocks', 'grouped_mm_triton',
@@ -359,6 +359,6 @@ def test_fast_backends_declare_bf16_and_auto_skips_them_in_fp32():
     assert BACKENDS['eager'].unusable(torch.device('cpu'), torch.float32) is None
     with pytest.raises(RuntimeError, match=r"'grouped_mm' cannot run on cpu in torch.float32: computes in"):
         resolve_backend('grouped_mm', torch.device('cpu'), torch.float32)
-    ffn = DbrxFFN(16, DbrxFFNConfig(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2, moe_backend='auto'))
+    ffn = DbrxFFN(16, DbrxFFNConfig(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2), backend='auto')
     ffn(torch.randn(3, 16))
     assert [b.name for b in ffn.experts._resolved.values()] == ['eager']

@@ -148,7 +148,7 @@ def test_cli_summary_and_overwrite(tmp_path, capsys):
     assert (out / 'train' / 'index.json').is_file() and (out / 'val' / 'index.json').is_file()
 
     assert cli.main(args) == 1
-    assert 'holds a dataset; pass --overwrite' in capsys.readouterr().err
+    assert 'holds an earlier output of foundry-dbrx prep-data; pass --overwrite to replace it' in capsys.readouterr().err
     (docs / 'b.txt').write_text('more words ' * 400)
     assert cli.main(args + ['--overwrite']) == 0
     assert 'documents: 2' in capsys.readouterr().out

@@ -3,7 +3,8 @@ a busy loop that takes a core, record bit-identical losses at every step.
 
 Timing must not reach the math. It did: the eager MoE backend gathered each token K times with ``x[idx]``, whose
 backward adds the K gradients into one row with parallel atomic adds on CPU, in an order set by which thread got
-there first, so a busy machine changed the low bits of the gradients and, from there, every later loss.
+there first, so a busy machine changed the low bits of the gradients and, from there, every later loss. The
+dispatcher (foundry_dbrx/moe/dispatch.py) now makes every gradient a gather, with no atomics.
 """
 
 from __future__ import annotations
@@ -39,26 +40,34 @@ def busy_core():
     busy.wait()
 
 
-def test_eager_experts_backward_is_bitwise_repeatable_beside_a_busy_loop(busy_core):
-    """The cause, pinned: the same forward and backward of one MoE layer (the tiny model's shape, 1024 tokens, two
-    threads) gives bit-identical gradients 40 times over while another process competes for the cores."""
+def test_moe_layer_backward_is_bitwise_repeatable_beside_a_busy_loop(busy_core):
+    """The cause, pinned: the same forward and backward of one MoE layer's experts, dispatch and combine included
+    (the tiny model's shape, 1024 tokens, two threads), gives bit-identical gradients 40 times over while another
+    process competes for the cores."""
+    from foundry_dbrx.moe.dispatch import LocalDispatcher
     from foundry_dbrx.moe.experts import eager_experts
+    from foundry_dbrx.moe.router import Routing
 
     gen = torch.Generator().manual_seed(0)
     t, d, f, e, k = 1024, 64, 128, 16, 4
     x_TD = torch.randn(t, d, generator=gen, requires_grad=True)
     weights = [(torch.randn(e, f, d, generator=gen) * 0.05).requires_grad_() for _ in range(3)]
-    experts_TK = torch.randn(t, e, generator=gen).topk(k, dim=-1).indices
-    weights_TK = torch.rand(t, k, generator=gen)
+    probs_TE = torch.randn(t, e, generator=gen).softmax(-1)
+    weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
+    routing = Routing(probs_TE, weights_TK.requires_grad_(), experts_TK)
     dy_TD = torch.randn(t, d, generator=gen)
     assert torch.get_num_threads() > 1  # with one thread nothing could race
+    dispatcher = LocalDispatcher(e)
 
     seen = set()
     for _ in range(40):
-        for leaf in (x_TD, *weights):
+        for leaf in (x_TD, routing.weights_TK, *weights):
             leaf.grad = None
-        eager_experts(x_TD, weights_TK, experts_TK, *weights).backward(dy_TD)
-        seen.add(tuple(hashlib.sha1(g.grad.numpy().tobytes()).hexdigest() for g in (x_TD, *weights)))
+        rows = dispatcher.dispatch(x_TD, routing)
+        y_TD = dispatcher.combine(eager_experts(rows.x_RD, rows.w_R, rows.offs_El, *weights), rows.state)
+        y_TD.backward(dy_TD)
+        seen.add(tuple(hashlib.sha1(g.grad.numpy().tobytes()).hexdigest()
+                       for g in (x_TD, routing.weights_TK, *weights)))
     assert len(seen) == 1, f'{len(seen)} different gradients from 40 identical backward passes'
 
 
@@ -66,7 +75,8 @@ def _start(corpus, folder):
     cmd = [sys.executable, '-m', 'foundry_dbrx.train', str(ROOT / 'yamls' / 'dbrx-tiny.yaml'),
            f'variables.data_local={corpus}', f'max_duration={STEPS}ba', 'eval_interval=1000ba',
            'console_log_interval=1000ba', 'save_folder=null', 'autoresume=false',
-           f'callbacks.dbrx_run_summary.json_path={folder}/summary.json']
+           f'callbacks.dbrx_run_summary.json_path={folder}/summary.json',
+           f'loggers.mlflow.tracking_uri={folder}/mlruns']
     return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

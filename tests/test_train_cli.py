@@ -26,6 +26,12 @@ def corpus(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _outputs_in_tmp(tmp_path, monkeypatch):
+    # What the tiny YAML writes relative to the working directory (./mlruns, ./runs) stays out of the repository.
+    monkeypatch.chdir(tmp_path)
+
+
 def _train(capsys, *argv) -> tuple[int, str, str]:
     from foundry_dbrx.train import main
 
@@ -70,6 +76,10 @@ def test_the_model_constructor_refuses_a_tokenizer_larger_than_vocab_size(tiny):
 @pytest.mark.parametrize('overrides, expected', [
     (['model.attn_config.kv_n_heads=3'], r'model: attn_config\.kv_n_heads \(3\) must divide n_heads \(4\)'),
     (['not_a_key=1'], r"not a valid LLM Foundry training config: Unused parameters \['not_a_key'\]"),
+    (['model.training.moe_bakend=eager'], r"model: model\.training: unknown key\(s\) \['moe_bakend'\]"),
+    (['model.training.expert_parallel_degree=3'],
+     r'model: training\.expert_parallel_degree \(3\) must divide ffn_config\.moe_num_experts \(16\)'),
+    (['model.ffn_config.moe_backend=eager'], r'set model\.training\.moe_backend instead'),
     (['max_duration'], r"overrides \['max_duration'\] must look like key=value"),
 ])
 def test_a_bad_config_is_one_line_naming_the_field(capsys, corpus, overrides, expected):

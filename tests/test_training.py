@@ -39,7 +39,8 @@ def _train(corpus, run_dir, *extra):
         'device_train_microbatch_size=4', 'eval_subset_num_batches=1', 'console_log_interval=100ba',
         'scheduler.t_warmup=5ba', 'optimizer.lr=1.0e-2', f'save_folder={run_dir}/checkpoints', f'save_interval={SAVE_AT}ba',
         'save_num_checkpoints_to_keep=-1',  # the mid-run checkpoint is resumed from below
-        f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json', *extra,
+        f'callbacks.dbrx_run_summary.json_path={run_dir}/summary.json', f'loggers.mlflow.tracking_uri={run_dir}/mlruns',
+        *extra,
     ]
     trainer = train(load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'), overrides))
     trainer.close()
@@ -70,3 +71,13 @@ def test_loss_falls_then_resume_continues_identically(corpus, tmp_path):
     assert resumed['start_step'] == SAVE_AT and resumed['steps'] == STEPS - SAVE_AT  # this process's own
     for step in range(SAVE_AT + 1, STEPS + 1):
         assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step
+
+
+def test_load_config_adds_the_dbrx_plan_to_dbrx_models_only(tmp_path):
+    """`foundry-dbrx train` adds `dbrx_parallelize` to dbrx runs; an MPT run (mpt_dbrx_moe) would fail with it."""
+    from foundry_dbrx.train import load_config
+
+    dbrx = load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'))
+    assert {'dbrx_run_summary', 'dbrx_parallelize'} <= set(dbrx.callbacks)
+    mpt = load_config(str(ROOT / 'yamls' / 'dbrx-tiny.yaml'), ['model.name=mpt_dbrx_moe'])
+    assert 'dbrx_run_summary' in mpt.callbacks and 'dbrx_parallelize' not in mpt.callbacks

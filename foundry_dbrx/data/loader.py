@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Optional, Union
 
 from llmfoundry.data.text_data import StreamingTextDataset
+
+from foundry_dbrx.data.remote import redact
 
 __all__ = ['ShardUnavailableError', 'StrictStreamingTextDataset', 'build_dbrx_text_dataloader']
 
@@ -30,6 +33,12 @@ class ShardUnavailableError(RuntimeError):
 
 
 _CHECKSUM_FAILURE = 'Checksum failure: '
+_SHM_ATTEMPTS = 5
+
+
+def _single_process() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
 
 
 class StrictStreamingTextDataset(StreamingTextDataset):
@@ -47,7 +56,18 @@ class StrictStreamingTextDataset(StreamingTextDataset):
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        for attempt in range(_SHM_ATTEMPTS):
+            try:
+                super().__init__(*args, **kwargs)
+                break
+            except FileExistsError as e:
+                # Streaming picks its shared-memory prefix by looking for a free one and then creating it: two
+                # processes starting together (two runs, or tests, on one machine) can pick the same one, and the
+                # slower one fails (mosaicml/streaming#884, open). Looking again finds the next free prefix. Only a
+                # lone process retries: with several ranks, the barriers inside the lookup would fall out of step.
+                if attempt + 1 == _SHM_ATTEMPTS or not _single_process() or not str(e.filename).endswith('_locals'):
+                    raise
+                time.sleep(0.05 + 0.2 * random.random())
         self._background_error: Optional[BaseException] = None
 
     def on_exception(self, future: Future) -> None:
@@ -59,18 +79,20 @@ class StrictStreamingTextDataset(StreamingTextDataset):
 
     def _forget_bad_copy(self, error: BaseException) -> None:
         # Streaming checks hashes only when it downloads: a corrupt file left in the cache would be read, unchecked,
-        # by the next run, even after the remote copy is fixed.
+        # by the next run, even after the remote copy is fixed. Only a copy that can be fetched again goes: a stream
+        # without a remote (remote: null) reads the dataset itself, and its files are the only copy.
         message = str(error)
         if isinstance(error, ValueError) and message.startswith(_CHECKSUM_FAILURE):
             path = os.path.realpath(message[len(_CHECKSUM_FAILURE):])
-            caches = [os.path.realpath(s.local) for s in self.streams]
+            caches = [os.path.realpath(s.local) for s in self.streams
+                      if s.remote and os.path.realpath(s.remote) != os.path.realpath(s.local)]
             if os.path.isfile(path) and any(path.startswith(c + os.sep) for c in caches):
                 os.remove(path)
 
     def _failure(self, error: BaseException) -> ShardUnavailableError:
         where = ', '.join(f'{s.remote or s.local}/{s.split or ""}'.rstrip('/') for s in self.streams)
-        return ShardUnavailableError(f'streaming {where} failed, so training stops instead of skipping samples: '
-                                     f'{type(error).__name__}: {error}')
+        return ShardUnavailableError(redact(f'streaming {where} failed, so training stops instead of skipping '
+                                            f'samples: {type(error).__name__}: {error}'))
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         from streaming.base.constant import TICK

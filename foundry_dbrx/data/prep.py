@@ -7,9 +7,12 @@ tokenizer), each followed by ``<|endoftext|>`` (100257), concatenated and cut in
 tokens; the incomplete tail is dropped and reported. Samples go to ``OUT/train`` and ``OUT/val`` as MDS shards with
 one column, ``tokens`` (``ndarray:int32``), the format LLM Foundry's ``convert_dataset_hf --concat_tokens`` writes.
 
-Nothing that looks complete is left behind on failure: shards are written into a temporary folder, which is
-renamed into place (local ``OUT``) or uploaded (``s3://bucket/prefix`` and the other URLs Streaming knows) only once
-every input has been read; ``index.json``, which marks a split complete, is uploaded last.
+Nothing that looks complete is left behind on failure: shards are written into a hidden temporary folder, which is
+installed (local ``OUT``, through :func:`foundry_dbrx.outputs.atomic_output`: a lock, a no-replace rename, a marker
+file) or uploaded (``s3://bucket/prefix`` through :class:`foundry_dbrx.data.remote.S3Output`, in an order that never
+shows a mix of two datasets; other URLs Streaming knows get a new dataset only) once every input has been read.
+``--overwrite`` replaces only an earlier output of prep-data, never the user's files, and ``OUT`` may not be, hold
+or lie inside an input.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ import sysconfig
 import tempfile
 import time
 import urllib.parse
-import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from foundry_dbrx.data.cl100k import ENDOFTEXT_ID, load_cl100k_encoding
+from foundry_dbrx.data.remote import INDEX, RemoteError, S3Output, redact
+from foundry_dbrx.outputs import (OutputError, atomic_output, clean_stale_temporaries, disk_full_as_error,
+                                  output_lock, temporary_sibling, write_marker)
 
 __all__ = ['PrepConfig', 'PrepError', 'PrepSummary', 'prep_data', 'default_corpus_files', 'add_arguments', 'run']
 
@@ -46,7 +52,7 @@ SPLITS = ('train', 'val')
 MDS_COLUMNS = {'tokens': 'ndarray:int32'}
 # Streaming checks a shard against these when a YAML sets validate_hash (sha1, or the much faster xxh3_64).
 MDS_HASHES = ['sha1', 'xxh3_64']
-INDEX = 'index.json'
+COMMAND = 'prep-data'  # the name in the marker that lets --overwrite recognise an earlier output
 # Folders of the standard library that are not the library: other packages, bytecode, and the test suites
 # (half the tokens, with deliberately odd files such as non-UTF-8 encodings).
 _DEFAULT_CORPUS_SKIP = frozenset({'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'})
@@ -145,6 +151,9 @@ class PrepSummary:
     shards: dict = dataclasses.field(default_factory=lambda: {s: 0 for s in SPLITS})
     bytes: int = 0
     seconds: float = 0.0
+    # for the disk-full estimate: bytes of the text and JSONL files started so far, tokens the tokenizer returned
+    input_bytes_read: int = 0
+    tokens_encoded: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -303,8 +312,17 @@ def _plan_sources(cfg: PrepConfig) -> list[_Source]:
     return sources
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # unreadable files are reported when they are read
+        return 0
+
+
 def _documents(cfg: PrepConfig, sources: Sequence[_Source], counts: PrepSummary) -> Iterator[Document]:
     for source in sources:
+        if source.kind != 'hf':
+            counts.input_bytes_read += _file_size(source.path)
         if source.kind == 'hf':
             yield from _hf_documents(source.path, cfg.text_field, cfg.split)
         elif source.kind == 'jsonl':
@@ -436,14 +454,6 @@ class _SampleWriter:
             writer.cancel_future_jobs()
 
 
-def _check_local_out(out: str, overwrite: bool) -> None:
-    if os.path.isfile(out):
-        raise PrepError(f'--out {out} is a file; it must be a folder (created if missing)')
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        what = 'holds a dataset' if os.path.isfile(os.path.join(out, 'train', INDEX)) else 'is not empty'
-        raise PrepError(f'--out {out} {what}; pass --overwrite to replace it')
-
-
 def _uploaders(folder: str, out: str, splits: Sequence[str]) -> dict:
     """One Streaming uploader per split, made before any shard is written: a missing bucket, bad credentials or an
     unreachable endpoint fail here, before the work."""
@@ -455,20 +465,23 @@ def _uploaders(folder: str, out: str, splits: Sequence[str]) -> dict:
         try:
             uploaders[split] = CloudUploader.get((os.path.join(folder, split), remote), keep_local=True)
         except Exception as e:  # bad scheme, missing bucket, no credentials, no endpoint
-            raise PrepError(f'--out {out}: cannot write to {remote}: {type(e).__name__}: {e} (for s3:// check the '
-                            'bucket, S3_ENDPOINT_URL and the AWS_* credentials)') from None
+            raise PrepError(redact(f'--out {out}: cannot write to {remote}: {type(e).__name__}: {e} (for s3:// check '
+                                   'the bucket, S3_ENDPOINT_URL and the AWS_* credentials)')) from None
     return uploaders
 
 
-def _check_remote_out(uploader: Any, out: str, overwrite: bool) -> None:
+def _check_other_remote(uploader: Any, out: str) -> None:
+    """Object stores other than S3: a new dataset only (replacing one without a moment of mixed data needs the
+    conditional writes and deletes that :class:`S3Output` uses)."""
     try:
         existing = uploader.list_objects(INDEX)
     except NotImplementedError:  # stores whose uploader cannot list: nothing to check against
         existing = []
     except Exception as e:
-        raise PrepError(f'--out {out}: cannot list train/{INDEX}: {type(e).__name__}: {e}') from None
-    if existing and not overwrite:
-        raise PrepError(f'--out {out} already holds a dataset (train/{INDEX}); pass --overwrite to replace it')
+        raise PrepError(redact(f'--out {out}: cannot list train/{INDEX}: {type(e).__name__}: {e}')) from None
+    if existing:
+        raise PrepError(f'--out {out} already holds a dataset (train/{INDEX}); replacing a dataset is supported on '
+                        's3:// only: remove it first or choose another prefix')
 
 
 def _upload(folder: str, out: str, uploaders: dict) -> None:
@@ -480,19 +493,8 @@ def _upload(folder: str, out: str, uploaders: dict) -> None:
         try:
             uploaders[split].upload_file(name)
         except Exception as e:
-            raise PrepError(f'uploading {split}/{name} to {out} failed: {type(e).__name__}: {e}; the remote '
-                            f'dataset is incomplete (no new {split}/{INDEX}): run prep-data again') from None
-
-
-def _install_local(folder: str, out: str) -> None:
-    out = os.path.abspath(out)
-    old = None
-    if os.path.isdir(out):
-        old = os.path.join(os.path.dirname(out), f'.{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}')
-        os.rename(out, old)
-    os.rename(folder, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+            raise PrepError(redact(f'uploading {split}/{name} to {out} failed: {type(e).__name__}: {e}; the remote '
+                                   f'dataset is incomplete (no new {split}/{INDEX}): run prep-data again')) from None
 
 
 def _folder_bytes(folder: str) -> int:
@@ -520,6 +522,7 @@ def _tokenize_into(writer: _SampleWriter, cfg: PrepConfig, sources: Sequence[_So
         batches = _batches(counted(_documents(cfg, sources, summary)), summary)
         with contextlib.closing(_encoded(batches, cfg.workers)) as encoded:
             for batch in encoded:
+                summary.tokens_encoded += sum(t.size + 1 for t in batch)
                 for tokens in batch:
                     if summary.tokens >= cap:
                         return
@@ -529,32 +532,14 @@ def _tokenize_into(writer: _SampleWriter, cfg: PrepConfig, sources: Sequence[_So
                 bar.set_postfix(tokens=f'{summary.tokens:,}', refresh=False)
 
 
-def prep_data(cfg: PrepConfig) -> PrepSummary:
-    """Tokenizes ``cfg``'s inputs into ``cfg.out/{train,val}``; returns the summary. Raises :class:`PrepError`."""
-    # Streaming takes ~10 s to import (it pulls in torchvision and transformers): not part of the measured time.
-    import streaming  # noqa: F401
+def _input_paths(cfg: PrepConfig) -> list[str]:
+    return [sysconfig.get_paths()['stdlib']] if cfg.default else list(cfg.inputs)
 
-    start = time.time()
-    summary = PrepSummary(out=cfg.out)
-    if cfg.remote:
-        parent = cfg.tmp_dir
-    else:
-        _check_local_out(cfg.out, cfg.overwrite)
-        # A sibling of OUT, so the final rename stays on one filesystem.
-        parent = os.path.dirname(os.path.abspath(cfg.out))
-    parent = parent or tempfile.gettempdir()
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(os.path.normpath(cfg.out)) if not cfg.remote else 'prep-data'
-    # mkdir, not mkdtemp: the folder becomes OUT, so it gets the umask's permissions rather than 0700.
-    folder = os.path.join(parent, f'.{name}.partial-{uuid.uuid4().hex[:12]}')
-    os.mkdir(folder)
-    writer = None
+
+def _build(folder: str, cfg: PrepConfig, sources: Sequence[_Source], summary: PrepSummary) -> None:
+    """Writes the dataset into ``folder`` (``train/``, ``val/``); fills in ``summary``."""
+    writer = _SampleWriter(folder, cfg)
     try:
-        uploaders = _uploaders(folder, cfg.out, cfg.splits) if cfg.remote else {}
-        if uploaders:
-            _check_remote_out(uploaders['train'], cfg.out, cfg.overwrite)
-        sources = _plan_sources(cfg)
-        writer = _SampleWriter(folder, cfg)
         _tokenize_into(writer, cfg, sources, summary)
         summary.samples = dict(writer.samples)
         summary.dropped_tail_tokens = int(writer.carry.size)
@@ -569,16 +554,97 @@ def prep_data(cfg: PrepConfig) -> PrepSummary:
                             f'{cfg.max_seq_len}; {need} (give more text or lower --max-seq-len)')
         writer.finish()
         writer = None
-        summary.shards.update({s: _shard_count(os.path.join(folder, s)) for s in cfg.splits})
-        summary.bytes = _folder_bytes(folder)
-        if cfg.remote:
-            _upload(folder, cfg.out, uploaders)
-        else:
-            _install_local(folder, cfg.out)
     finally:
         if writer is not None:
             writer.abandon()
+    summary.shards.update({s: _shard_count(os.path.join(folder, s)) for s in cfg.splits})
+    summary.bytes = _folder_bytes(folder)
+
+
+def _needed_bytes(folder: str, cfg: PrepConfig, sources: Sequence[_Source], summary: PrepSummary):
+    """A function estimating, when the disk fills, the bytes the whole output needs: the tokens encoded so far,
+    scaled by the share of the input read, times the bytes per token written so far (4, an int32, plus the MDS
+    overhead, before the first document is complete). None when the input size is unknown (saved datasets)."""
+    if any(s.kind == 'hf' for s in sources):
+        return lambda: None
+
+    def estimate() -> Optional[int]:
+        if not summary.input_bytes_read or not summary.tokens_encoded:
+            return None
+        total = sum(_file_size(s.path) for s in sources)
+        tokens = summary.tokens_encoded * max(1.0, total / summary.input_bytes_read)
+        if cfg.max_tokens is not None:
+            tokens = min(tokens, cfg.max_tokens)
+        written = _folder_bytes(folder) if os.path.isdir(folder) else 0
+        per_token = written / summary.tokens if summary.tokens and written else 4 * (1 + 2 / cfg.max_seq_len)
+        return int(tokens * per_token)
+
+    return estimate
+
+
+def _prep_local(cfg: PrepConfig, summary: PrepSummary) -> None:
+    estimate = [lambda: None]  # set once the output folder exists; atomic_output calls it if the disk fills
+    try:
+        with atomic_output(cfg.out, command=COMMAND, overwrite=cfg.overwrite, is_dir=True, inputs=_input_paths(cfg),
+                           inputs_contain_out=True, option='--out', needed_bytes=lambda: estimate[0]()) as folder:
+            sources = _plan_sources(cfg)
+            estimate[0] = _needed_bytes(str(folder), cfg, sources, summary)
+            _build(str(folder), cfg, sources, summary)
+    except OutputError as e:
+        raise PrepError(str(e)) from None
+
+
+def _prep_remote(cfg: PrepConfig, summary: PrepSummary) -> None:
+    # Shards are staged in a hidden folder under --tmp-dir, named like the temporaries of a local output, so that
+    # those of dead runs are found and removed.
+    parent = Path(cfg.tmp_dir or tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = parent / COMMAND
+    with output_lock(stage):
+        clean_stale_temporaries(stage)
+    folder = temporary_sibling(stage)
+    folder.mkdir()  # mkdir, not mkdtemp: the umask's permissions, as for a local output
+    try:
+        # One uploader checks the bucket and the credentials before any work; S3 needs no more (its client does
+        # the rest), other stores get one per split.
+        is_s3 = cfg.out.startswith('s3://')
+        uploaders = _uploaders(str(folder), cfg.out, ('train',) if is_s3 else cfg.splits)
+        client = getattr(uploaders['train'], 's3', None) if is_s3 else None
+        s3 = S3Output(cfg.out, client, COMMAND) if client is not None else None
+        with s3.lock() if s3 is not None else contextlib.nullcontext():
+            if s3 is not None:
+                old = s3.check(cfg.overwrite)
+            else:
+                _check_other_remote(uploaders['train'], cfg.out)
+            sources = _plan_sources(cfg)
+            with disk_full_as_error(folder, _needed_bytes(str(folder), cfg, sources, summary),
+                                    cleanup=lambda: shutil.rmtree(folder, ignore_errors=True)):
+                _build(str(folder), cfg, sources, summary)
+                write_marker(folder, COMMAND)
+            if s3 is not None:
+                s3.publish(str(folder), cfg.splits, old)
+            else:
+                _upload(str(folder), cfg.out, uploaders)
+    except (RemoteError, OutputError) as e:
+        raise PrepError(str(e)) from None
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def prep_data(cfg: PrepConfig) -> PrepSummary:
+    """Tokenizes ``cfg``'s inputs into ``cfg.out/{train,val}``; returns the summary. Raises :class:`PrepError`.
+
+    ``--overwrite`` replaces only an earlier output of prep-data (recognised by its marker) holding nothing else;
+    ``OUT`` may not be, hold or lie inside an input; two runs cannot write the same ``OUT`` at once."""
+    # Streaming takes ~10 s to import (it pulls in torchvision and transformers): not part of the measured time.
+    import streaming  # noqa: F401
+
+    start = time.time()
+    summary = PrepSummary(out=cfg.out)
+    if cfg.remote:
+        _prep_remote(cfg, summary)
+    else:
+        _prep_local(cfg, summary)
     summary.seconds = time.time() - start
     return summary
 
@@ -605,7 +671,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compression', default=None, help='shard compression Streaming knows (zstd, gz ...)')
     parser.add_argument('--workers', type=int, default=default_workers(),
                         help='tokenizer processes (default: 2, or 1 where this process may use one core only)')
-    parser.add_argument('--overwrite', action='store_true', help='replace a dataset already at --out')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace a dataset that prep-data wrote at --out (recognised by its marker file); '
+                             'nothing else is ever replaced or deleted')
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     parser.add_argument('--tmp-dir', default=None,
                         help='where shards are staged before an upload (default: the system temp folder)')
@@ -622,8 +690,9 @@ def run(args: argparse.Namespace) -> int:
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepConfig)}
         values['inputs'] = tuple(values['inputs'])
         summary = prep_data(PrepConfig(**values))
-    except PrepError as e:
-        print(f'foundry-dbrx prep-data: error: {e}', file=sys.stderr)
+    except (PrepError, OutputError, OSError) as e:  # one line naming the file, no traceback
+        message = f'{e.filename}: {e.strerror}' if isinstance(e, OSError) and e.filename else str(e)
+        print(f'foundry-dbrx prep-data: error: {redact(message)}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # prep_data removed its staging folder on the way out; nothing was installed at --out.

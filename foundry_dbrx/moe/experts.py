@@ -1,10 +1,13 @@
 """DBRX's GLU experts: the fused ``[E*F, D]`` parameters and the backends that run them.
 
-Every backend computes, for each token t and each of its K slots,
-``y_t = sum_k w_tk * (silu(x_t @ w1_e.T) * (x_t @ v1_e.T)) @ w2_e`` with ``e = experts_TK[t, k]``,
-from the same three parameters, so a state dict moves between backends (and to HF and MegaBlocks) untouched.
+A backend is only the expert computation, on rows the dispatcher (:mod:`foundry_dbrx.moe.dispatch`) has already
+grouped by expert. Every backend computes, for each row r of local expert e (rows ``offs[e-1]:offs[e]``),
+``y_r = w_r * (silu(x_r @ w1_e.T) * (x_r @ v1_e.T)) @ w2_e``, where ``w_r`` is the row's routing weight,
+from the same three parameters, so a state dict moves between backends (and to HF and MegaBlocks) untouched. The
+number of experts a backend runs is the length of ``offs``, which the caller checks against the weights' view;
+no backend infers it from a weight shape.
 
-Legend: T tokens, D d_model, F ffn_hidden_size, E experts, K top_k, N = T*K routed slots.
+Legend: D d_model, F ffn_hidden_size, E experts, El experts on this rank, R rows in expert order.
 """
 
 from __future__ import annotations
@@ -18,50 +21,30 @@ from torch import nn
 
 from foundry_dbrx.moe import grouped_mm, megablocks_backend
 
-__all__ = ['DbrxExpertGLU', 'DbrxExperts', 'ExpertBackend', 'BACKENDS', 'resolve_backend', 'eager_experts',
-           'sort_by_expert']
+__all__ = ['DbrxExpertGLU', 'DbrxExperts', 'ExpertBackend', 'ExpertFn', 'BACKENDS', 'resolve_backend',
+           'eager_experts']
 
 log = logging.getLogger(__name__)
 
-# (x_TD, weights_TK, experts_TK, w1_EFD, v1_EFD, w2_EFD) -> y_TD
+# (x_RD, w_R, offs_El, w1_ElFD, v1_ElFD, w2_ElFD) -> y_RD; offs_El int32, cumulative rows per local expert.
 ExpertFn = Callable[..., torch.Tensor]
 
 
-def sort_by_expert(experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot order that groups the N = T*K routed slots by expert (stable), and the count per expert (on device)."""
-    flat_N = experts_TK.reshape(-1)
-    order_N = flat_N.argsort(stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
-    return order_N, counts_E
-
-
-def eager_experts(x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, w1_EFD: torch.Tensor,
+def eager_experts(x_RD: torch.Tensor, w_R: torch.Tensor, offs_El: torch.Tensor, w1_EFD: torch.Tensor,
                   v1_EFD: torch.Tensor, w2_EFD: torch.Tensor) -> torch.Tensor:
-    """Reference backend in plain PyTorch: sort the slots by expert, one GEMM chain per expert, gather back.
+    """Reference backend in plain PyTorch: one GEMM chain per expert on its slice of rows.
 
-    One host sync per call (the expert counts, to split the sorted tokens), not one per expert; empty experts
-    cost an empty matmul and get zero gradients.
+    One host sync per call (the row counts, to split the rows), not one per expert; an empty expert costs an
+    empty matmul and gets a zero gradient.
     """
-    t, k = experts_TK.shape
-    num_experts = w1_EFD.shape[0]
-    order_N, counts_E = sort_by_expert(experts_TK, num_experts)
-    # A permutation of the K copies of each token, not x_TD[order_N // k]: that index holds every token K times, and
-    # its backward (index_put_ with accumulate) then adds the K slots into one row with parallel atomic adds on CPU
-    # (aten/src/ATen/native/cpu/IndexKernel.cpp; atomics on CUDA too), in an order set by thread timing, so the same
-    # seed gave different gradients from run to run on a busy machine. Here each slot's gradient lands in a row of
-    # its own and the K copies are summed by expand's backward, in a fixed order.
-    x_ND = x_TD.unsqueeze(1).expand(t, k, x_TD.shape[-1]).reshape(t * k, -1)[order_N]
+    counts = torch.diff(offs_El.long(), prepend=offs_El.new_zeros(1, dtype=torch.long)).tolist()
     outs = []
     # unbind, not w1_EFD[e]: each indexing op's backward would materialise a zero [E, F, D] gradient.
-    per_expert = zip(x_ND.split(counts_E.tolist()), w1_EFD.unbind(0), v1_EFD.unbind(0), w2_EFD.unbind(0))
-    for x_nD, w1_FD, v1_FD, w2_FD in per_expert:
-        h_nF = F.silu(x_nD @ w1_FD.t()) * (x_nD @ v1_FD.t())
-        outs.append(h_nF @ w2_FD)
-    y_ND = torch.cat(outs)
-    # Un-permute with a gather (the inverse permutation) rather than an index_add_ scatter.
-    inverse_N = order_N.argsort()
-    y_TKD = y_ND[inverse_N].view(t, k, -1)
-    return torch.einsum('tkd,tk->td', y_TKD, weights_TK.to(y_TKD.dtype))
+    per_expert = zip(x_RD.split(counts), w_R.split(counts), w1_EFD.unbind(0), v1_EFD.unbind(0), w2_EFD.unbind(0))
+    for x_rD, w_r, w1_FD, v1_FD, w2_FD in per_expert:
+        h_rF = F.silu(x_rD @ w1_FD.t()) * (x_rD @ v1_FD.t())
+        outs.append((h_rF @ w2_FD) * w_r.to(h_rF.dtype)[:, None])
+    return torch.cat(outs) if outs else x_RD.new_empty(0, x_RD.shape[1])
 
 
 class ExpertBackend:
@@ -112,7 +95,7 @@ _LOGGED_AUTO_CHOICES: set[tuple[str, str, str]] = set()
 
 
 def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> ExpertBackend:
-    """The backend for ``ffn_config.moe_backend`` on ``device`` computing in ``dtype``; ``auto`` logs what it
+    """The backend for ``training.moe_backend`` on ``device`` computing in ``dtype``; ``auto`` logs what it
     picked and why."""
     if name == 'auto':
         candidates = sorted(BACKENDS.values(), key=lambda b: -b.priority)
@@ -129,11 +112,11 @@ def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype
             skipped.append(f'{backend.name}: {reason}')
         raise RuntimeError(f'no MoE backend can run on {device}: {skipped}')
     if name not in BACKENDS:
-        raise ValueError(f'ffn_config.moe_backend ({name!r}) must be one of {["auto", *BACKENDS]}')
+        raise ValueError(f'training.moe_backend ({name!r}) must be one of {["auto", *BACKENDS]}')
     reason = BACKENDS[name].unusable(device, dtype)
     if reason is not None:
         where = f'{device} in {dtype}' if dtype is not None else str(device)
-        raise RuntimeError(f'ffn_config.moe_backend {name!r} cannot run on {where}: {reason}')
+        raise RuntimeError(f'training.moe_backend {name!r} cannot run on {where}: {reason}')
     return BACKENDS[name]
 
 
@@ -160,26 +143,58 @@ class DbrxExpertGLU(nn.Module):
         for w in (self.w1, self.v1, self.w2):
             nn.init.normal_(w, std=std)
 
-    def expert_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        e, f, d = self.num_experts, self.ffn_hidden_size, self.d_model
-        return self.w1.view(e, f, d), self.v1.view(e, f, d), self.w2.view(e, f, d)
+    def expert_views(self, num_local_experts: int, grad_scale: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[El, F, D]`` views of this rank's experts. Under expert parallelism the parameters are DTensors
+        sharded by expert over the EP group, and the local shard is taken (differentiably); ``grad_scale``
+        multiplies the gradient that flows back to them (expert parallelism's correction, see parallelize.py)."""
+        f, d = self.ffn_hidden_size, self.d_model
+        views = []
+        for w in (self.w1, self.v1, self.w2):
+            local = w.to_local() if hasattr(w, 'to_local') else w
+            if local.shape != (num_local_experts * f, d):
+                raise RuntimeError(f'expert weights hold {list(local.shape)} on this rank, not the '
+                                   f'[{num_local_experts} experts x {f}, {d}] the dispatcher routes to')
+            if grad_scale != 1.0:
+                local = _ScaleGrad.apply(local, grad_scale)
+            views.append(local.view(num_local_experts, f, d))
+        return tuple(views)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx):
+        return dx * ctx.scale, None
 
 
 class DbrxExperts(nn.Module):
-    """The experts of one layer, run by the backend that ``ffn_config.moe_backend`` names."""
+    """The experts of one layer, run by the backend that ``training.moe_backend`` names.
+
+    ``num_local_experts`` and ``grad_scale`` are set from outside (:mod:`foundry_dbrx.parallelize`) when the layer
+    is made expert-parallel; on one rank they are E and 1.
+    """
 
     def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, backend: str = 'auto',
                  device=None, dtype=None):
         super().__init__()
         self.mlp = DbrxExpertGLU(d_model, ffn_hidden_size, num_experts, device=device, dtype=dtype)
         self.backend_name = backend
+        self.num_local_experts = num_experts
+        self.grad_scale = 1.0
         self._resolved: dict[tuple[torch.device, torch.dtype], ExpertBackend] = {}
 
-    def backend_for(self, x_TD: torch.Tensor) -> ExpertBackend:
+    def backend_for(self, x_RD: torch.Tensor) -> ExpertBackend:
         """Resolved at the first forward on the device the weights then live on (after FSDP or ``.to()``) and in
         the dtype the experts compute in (autocast's where it is on)."""
         device = self.mlp.w1.device
-        dtype = x_TD.dtype
+        dtype = x_RD.dtype
         if device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
             dtype = torch.get_autocast_dtype('cuda')
         key = (device, dtype)
@@ -187,9 +202,14 @@ class DbrxExperts(nn.Module):
             self._resolved[key] = resolve_backend(self.backend_name, device, dtype)
         return self._resolved[key]
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        return self.backend_for(x_TD).fn(x_TD, weights_TK, experts_TK, *self.mlp.expert_views())
+    def forward(self, x_RD: torch.Tensor, w_R: torch.Tensor, offs_El: torch.Tensor) -> torch.Tensor:
+        """``y_RD`` for rows grouped by local expert (``offs_El``: int32 cumulative rows per local expert)."""
+        if offs_El.numel() != self.num_local_experts:
+            raise RuntimeError(f'the dispatcher routed to {offs_El.numel()} experts; this rank holds '
+                               f'{self.num_local_experts}')
+        weights = self.mlp.expert_views(self.num_local_experts, self.grad_scale)
+        return self.backend_for(x_RD).fn(x_RD, w_R, offs_El, *weights)
 
     def extra_repr(self) -> str:
-        return f'backend={self.backend_name!r}'
+        return f'backend={self.backend_name!r}, local_experts={self.num_local_experts}'
 
