@@ -16,7 +16,7 @@ States (Composer FSDP1, ``use_orig_params``; LLM Foundry's ``decoupled_*`` optim
     ``exp_avg_sq``), ``4 P`` for Lion, ``4 P`` for SGD with momentum. shards = gpus for FULL_SHARD and
     SHARD_GRAD_OP, 1 for NO_SHARD and for one GPU.
   - On one GPU LLM Foundry drops ``fsdp_config`` (``llmfoundry/command_utils/train.py``: "FSDP is not applicable
-    for single-GPU training"), and with it activation checkpointing, which Composer applies through FSDP only;
+    for single-GPU training"); the ``dbrx_parallelize`` callback still applies the YAML's activation checkpointing;
     the weights stay fp32 and autocast keeps a ``c``-byte copy of every matrix for backward (``2 P_matrices``;
     the experts' copies come from ``moe.grouped_mm.compute_dtype_cast`` and are saved by the expert function).
 FSDP buffers (``mixed_precision``: PURE gathers and reduces in bf16, DEFAULT gathers bf16 and reduces fp32, FULL
@@ -141,7 +141,8 @@ class TrainSetup:
 
     @property
     def checkpointing(self) -> bool:
-        return self.fsdp_active and self.activation_checkpointing
+        # one process too: LLM Foundry drops fsdp_config there, but dbrx_parallelize applies the YAML's checkpointing
+        return self.activation_checkpointing
 
 
 def param_counts(cfg: DbrxConfig) -> dict[str, int]:
@@ -224,8 +225,8 @@ def plan_memory(cfg: DbrxConfig, s: TrainSetup) -> MemoryPlan:
     c = 2 if amp else 4
     fsdp = s.fsdp_active
     if s.gpus == 1 and s.fsdp:
-        notes.append('1 GPU: LLM Foundry drops fsdp_config, so no sharding and no activation checkpointing; '
-                     'weights, gradients and optimizer state stay fp32 and whole')
+        notes.append('1 GPU: LLM Foundry drops fsdp_config, so no sharding (dbrx_parallelize still applies its '
+                     'activation checkpointing); weights, gradients and optimizer state stay fp32 and whole')
     p_gather = 4 if (not fsdp or s.mixed_precision == 'FULL' or not amp) else 2
     r = 4 if (not fsdp or p_gather == 4) else 2
     n = 4

@@ -97,9 +97,11 @@ def test_states_sharding_and_the_one_gpu_rule():
     lion = plan_memory(cfg, dataclasses.replace(base, optimizer='decoupled_lionw'))
     assert lion.terms[f'optimizer state, decoupled_lionw (1/8 of {total / 1e9:.2f}B)'] == 4 * total / 8
     assert 'activations: block inputs (checkpointed)' in p.terms and not p.notes
-    # One GPU: LLM Foundry drops the FSDP config, and activation checkpointing with it.
+    # One GPU: LLM Foundry drops the FSDP config; dbrx_parallelize keeps the YAML's activation checkpointing.
     one = plan_memory(cfg, dataclasses.replace(base, gpus=1))
-    assert one.notes and 'activations: all blocks' in one.terms
+    assert one.notes and 'activations: block inputs (checkpointed)' in one.terms
+    no_ac = plan_memory(cfg, dataclasses.replace(base, gpus=1, activation_checkpointing=False))
+    assert 'activations: all blocks' in no_ac.terms and no_ac.peak > one.peak
     assert one.terms['autocast weight copies (no FSDP)'] == 2 * param_counts(cfg)['matrices']
     assert one.terms['root unit gathered (wte, norm_f, lm_head)'] == 0
     assert one.peak > p.peak
