@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument('--seq-len', type=int, default=1024)
     p.add_argument('--batch', type=int, default=16, help='global batch (samples); one microbatch per GPU')
     p.add_argument('--out', default=os.environ.get('OUT', 'runs/ep-check'))
+    p.add_argument('--cases', default='one,fsdp1,fsdp2,ep2,ep2->ep1', help='comma list of the runs above')
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,26 +92,28 @@ def main(argv=None) -> int:
         ('fsdp1', 2, micro(2), {}),
         ('fsdp2', 2, micro(2) + sharded, {'FSDP_VERSION': '2'}),
         ('ep2', 2, micro(2) + sharded + ['model.training.expert_parallel_degree=2', f'save_folder={ckpt}',
-                                         f'save_interval={half}ba', 'save_num_checkpoints_to_keep=1'],
+                                         f'save_interval={half}ba', 'save_num_checkpoints_to_keep=-1'],
          {'FSDP_VERSION': '2'}),
         ('ep2->ep1', 2, micro(2) + sharded + [f'load_path={ckpt}/ep0-ba{half}'], {'FSDP_VERSION': '2'}),
     ]
+    wanted = args.cases.split(',')
     results = {}
-    for name, nproc, overrides, env in cases:
+    for name, nproc, overrides, env in [c for c in cases if c[0] in wanted]:
         results[name] = run_case(name, nproc, common + overrides, env, work, out)
 
     def worst(a: dict, b: dict) -> float:
         common_steps = sorted(set(a) & set(b))
         return max(abs(a[s] - b[s]) / abs(b[s]) for s in common_steps) if common_steps else float('nan')
 
-    one = results['one'].get('losses', {})
+    one = results.get('one', {}).get('losses', {})
     lines = ['| step | ' + ' | '.join(results) + ' |', '|---' * (len(results) + 1) + '|']
     for step in range(1, args.steps + 1):
         cells = [f'{results[n]["losses"][step]:.4f}' if results[n].get('losses', {}).get(step) is not None else ''
                  for n in results]
         lines.append(f'| {step} | ' + ' | '.join(cells) + ' |')
     diffs = {n: worst(r.get('losses', {}), one) for n, r in results.items() if n not in ('one', 'ep2->ep1')}
-    diffs['ep2->ep1 vs ep2'] = worst(results['ep2->ep1'].get('losses', {}), results['ep2'].get('losses', {}))
+    if 'ep2->ep1' in results and 'ep2' in results:
+        diffs['ep2->ep1 vs ep2'] = worst(results['ep2->ep1'].get('losses', {}), results['ep2'].get('losses', {}))
     lines.append('')
     lines.append('largest relative difference: ' + ', '.join(f'{n} {d:.2e}' for n, d in diffs.items()))
     table = '\n'.join(lines)

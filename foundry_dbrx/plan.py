@@ -16,7 +16,7 @@ States (Composer FSDP1, ``use_orig_params``; LLM Foundry's ``decoupled_*`` optim
     ``exp_avg_sq``), ``4 P`` for Lion, ``4 P`` for SGD with momentum. shards = gpus for FULL_SHARD and
     SHARD_GRAD_OP, 1 for NO_SHARD and for one GPU.
   - On one GPU LLM Foundry drops ``fsdp_config`` (``llmfoundry/command_utils/train.py``: "FSDP is not applicable
-    for single-GPU training"), and with it activation checkpointing, which Composer applies through FSDP only;
+    for single-GPU training"); the ``dbrx_parallelize`` callback still applies the YAML's activation checkpointing;
     the weights stay fp32 and autocast keeps a ``c``-byte copy of every matrix for backward (``2 P_matrices``;
     the experts' copies come from ``moe.grouped_mm.compute_dtype_cast`` and are saved by the expert function).
 FSDP buffers (``mixed_precision``: PURE gathers and reduces in bf16, DEFAULT gathers bf16 and reduces fp32, FULL
@@ -66,8 +66,9 @@ of an S-rank group; m microbatches per step, and FSDP gathers and reduces at eve
     K, ``(S_e-1)/S_e * p * P_experts / K`` over the S_e = gpus / K ranks holding the same experts (without EP the
     experts are part of P_dense);
   - FSDP reduce-scatter of the gradients, the same bytes in the reduce dtype (PURE: 2, else 4);
-  - EP all-to-all, per layer: dispatch and combine in forward and again in backward, ``(K-1)/K * N D c`` each, and
-    once more in forward when whole blocks are recomputed (``activation_checkpointing: block``).
+  - EP all-to-all, per layer: dispatch and combine in forward and again in backward, ``(K-1)/K * N D c`` each;
+    activation checkpointing replays none of them (under EP, ``block`` recomputes attention and the expert GEMMs
+    apart and leaves the dispatch out).
 
 FLOPs (per GPU per step): model FLOPs ``(6 N_active + 12 L D S) * tokens`` (the MFU convention of
 ``ComposerDbrxCausalLM.flops_per_batch``), and executed FLOPs, which add activation checkpointing's recomputed
@@ -140,7 +141,8 @@ class TrainSetup:
 
     @property
     def checkpointing(self) -> bool:
-        return self.fsdp_active and self.activation_checkpointing
+        # one process too: LLM Foundry drops fsdp_config there, but dbrx_parallelize applies the YAML's checkpointing
+        return self.activation_checkpointing
 
 
 def param_counts(cfg: DbrxConfig) -> dict[str, int]:
@@ -171,7 +173,10 @@ def attention_saved_bytes(cfg: DbrxConfig, tokens: int, c: int, n: int, gqa: str
 
 def router_saved_bytes(cfg: DbrxConfig, tokens: int, c: int) -> int:
     e, k = cfg.ffn_config.moe_num_experts, cfg.ffn_config.moe_top_k
-    return c * tokens * cfg.d_model + 4 * tokens * e + 8 * tokens * k + 4 * tokens * k + 4 * tokens
+    # the input, fp32 probabilities, top-k indices and weights, the weights' norm; the z-loss's logsumexp keeps its
+    # fp32 copy of the logits and its result
+    return (c * tokens * cfg.d_model + 4 * tokens * e + 8 * tokens * k + 4 * tokens * k + 4 * tokens
+            + 4 * tokens * e + 4 * tokens)
 
 
 def experts_saved_bytes(cfg: DbrxConfig, tokens: int, c: int) -> int:
@@ -220,8 +225,8 @@ def plan_memory(cfg: DbrxConfig, s: TrainSetup) -> MemoryPlan:
     c = 2 if amp else 4
     fsdp = s.fsdp_active
     if s.gpus == 1 and s.fsdp:
-        notes.append('1 GPU: LLM Foundry drops fsdp_config, so no sharding and no activation checkpointing; '
-                     'weights, gradients and optimizer state stay fp32 and whole')
+        notes.append('1 GPU: LLM Foundry drops fsdp_config, so no sharding (dbrx_parallelize still applies its '
+                     'activation checkpointing); weights, gradients and optimizer state stay fp32 and whole')
     p_gather = 4 if (not fsdp or s.mixed_precision == 'FULL' or not amp) else 2
     r = 4 if (not fsdp or p_gather == 4) else 2
     n = 4
@@ -262,6 +267,13 @@ def plan_memory(cfg: DbrxConfig, s: TrainSetup) -> MemoryPlan:
     layer = layer_saved_bytes(cfg, t, c, n, gqa)
     if s.checkpointing:
         terms['activations: block inputs (checkpointed)'] = cfg.n_layers * r * t * d
+        if s.ep > 1 and s.ac_target == 'block':
+            # parallelize.activation_checkpointing_fn: an expert-parallel block recomputes attention and the expert
+            # GEMMs apart, so the dispatch (never replayed) keeps what it saves: the router's tensors, the exchanged
+            # rows and their weights and index vectors, and the attention's output
+            slots = t * cfg.ffn_config.moe_top_k
+            terms['activations: block inputs (checkpointed)'] += cfg.n_layers * (
+                router_saved_bytes(cfg, t, c) + c * slots * d + c * slots + 16 * slots + c * t * d)
         terms['activations: one block recomputed'] = layer
     else:
         terms['activations: all blocks'] = cfg.n_layers * layer
@@ -381,7 +393,7 @@ def plan_communication(cfg: DbrxConfig, s: TrainSetup) -> dict[str, float]:
     out = {'FSDP all-gather': micro * (forward + backward), 'FSDP reduce-scatter': micro * reduce}
     if s.ep > 1:
         slots = s.microbatch * s.seq_len * cfg.ffn_config.moe_top_k
-        exchanges = 4 + (2 if s.checkpointing and s.ac_target == 'block' else 0)
+        exchanges = 4  # rows out and back, forward and backward; checkpointing never replays them
         out['EP all-to-all'] = micro * layers * exchanges * ring(s.ep) * slots * cfg.d_model * c
     return out
 

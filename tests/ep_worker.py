@@ -74,41 +74,72 @@ def dispatcher_case(rank: int, world: int, ep: int) -> None:
 def model_case(rank: int, world: int, ep: int) -> None:
     """A whole DbrxForCausalLM made expert-parallel by parallelize.apply_expert_parallel: logits equal the
     single-process model's, and the gradients, averaged as data parallelism averages them (experts over the ranks
-    holding them, everything else over the world), equal the single-process gradient of the mean loss."""
+    holding them, everything else over the world), equal the single-process gradient of the mean loss. Then the same
+    with ``block`` activation checkpointing, which in an expert-parallel block recomputes attention and the expert
+    GEMMs but never the dispatch: the backward makes exactly the two gradient exchanges per layer."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper, apply_activation_checkpointing)
+
     from foundry_dbrx import DbrxConfig, DbrxForCausalLM
-    from foundry_dbrx.parallelize import apply_expert_parallel
+    from foundry_dbrx.config import DbrxTrainingConfig
+    from foundry_dbrx.moe import dispatch
+    from foundry_dbrx.parallelize import activation_checkpointing_fn, apply_expert_parallel
     from tests.conftest import tiny_config
 
     ep_mesh, same_experts = _ep_groups(world, ep)
     cfg = DbrxConfig.from_dict(tiny_config(ffn_config__moe_num_experts=8, ffn_config__moe_top_k=2))
     torch.manual_seed(0)
     reference = DbrxForCausalLM(cfg)
-    torch.manual_seed(0)
-    model = DbrxForCausalLM(cfg)
-    apply_expert_parallel(model, ep_mesh)
     ids = torch.randint(0, cfg.vocab_size, (world * 2, 12), generator=torch.Generator().manual_seed(5))
     g = torch.randn(world * 2, 12, cfg.vocab_size, generator=torch.Generator().manual_seed(6))
-
     (reference(ids).logits * g).sum().div(world).backward()  # the mean over ranks of each rank's loss
-    mine = slice(rank * 2, (rank + 1) * 2)
-    logits = model(ids[mine]).logits
-    torch.testing.assert_close(logits, reference(ids[mine]).logits, **TOL)
-    (logits * g[mine]).sum().backward()
-
     ref_grads = dict(reference.named_parameters())
-    for name, param in model.named_parameters():
-        want = ref_grads[name].grad
-        if hasattr(param, 'to_local'):  # an expert weight, sharded by expert over the EP group
-            grad = param.grad.to_local().clone()
-            dist.all_reduce(grad, group=same_experts.get_group())
-            grad /= same_experts.size()
-            rows = grad.shape[0]
-            want = want[ep_mesh.get_local_rank() * rows:(ep_mesh.get_local_rank() + 1) * rows]
-        else:
-            grad = param.grad.clone()
-            dist.all_reduce(grad)
-            grad /= world
-        torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f'{name}: {m}')
+    mine = slice(rank * 2, (rank + 1) * 2)
+
+    exchanges = []
+    plain_all_to_all = dispatch.dist.all_to_all_single
+
+    def counting_all_to_all(*args, **kwargs):
+        exchanges.append(torch.is_grad_enabled())
+        return plain_all_to_all(*args, **kwargs)
+
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = DbrxForCausalLM(cfg)
+        apply_expert_parallel(model, ep_mesh)
+        if checkpointing:
+            apply_activation_checkpointing(
+                model, check_fn=activation_checkpointing_fn(model, DbrxTrainingConfig(activation_checkpointing='block')))
+            wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, CheckpointWrapper))
+            assert wrapped == sorted(f'transformer.blocks.{i}.{part}' for i in range(cfg.n_layers)
+                                     for part in ('norm_attn_norm', 'ffn.experts')), wrapped
+        dispatch.dist.all_to_all_single = counting_all_to_all
+        try:
+            logits = model(ids[mine]).logits
+            forward_exchanges = len(exchanges)
+            (logits * g[mine]).sum().backward()
+        finally:
+            dispatch.dist.all_to_all_single = plain_all_to_all
+        # forward per layer: row counts, rows, routing weights, rows back; backward: the gradients of the last three,
+        # nothing replayed
+        assert (forward_exchanges, len(exchanges)) == (4 * cfg.n_layers, 7 * cfg.n_layers), exchanges
+        exchanges.clear()
+        torch.testing.assert_close(logits, reference(ids[mine]).logits, **TOL)
+
+        for name, param in model.named_parameters():
+            name = name.replace('_checkpoint_wrapped_module.', '')
+            want = ref_grads[name].grad
+            if hasattr(param, 'to_local'):  # an expert weight, sharded by expert over the EP group
+                grad = param.grad.to_local().clone()
+                dist.all_reduce(grad, group=same_experts.get_group())
+                grad /= same_experts.size()
+                rows = grad.shape[0]
+                want = want[ep_mesh.get_local_rank() * rows:(ep_mesh.get_local_rank() + 1) * rows]
+            else:
+                grad = param.grad.clone()
+                dist.all_reduce(grad)
+                grad /= world
+            torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f'checkpointing={checkpointing} {name}: {m}')
 
 
 def init_case(rank: int, world: int, ep: int) -> None:

@@ -133,3 +133,20 @@ def test_132b_yaml_builds_on_meta_and_logs_counts(caplog):
         model = ComposerDbrxCausalLM(**model_cfg)
     assert sum(p.numel() for p in model.parameters()) == model.config.num_params()['total']
     assert '131.60B parameters in all, 36.47B active per token' in caplog.text
+
+
+def test_readme_yaml_example_is_a_valid_model_section():
+    """The README's YAML example builds the configs it shows (a field in the wrong section would be an error)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    model = dict(yaml.safe_load(re.search(r'```yaml\n(model:\n  name: dbrx\n.*?)```', readme, re.S).group(1))['model'])
+    training = DbrxTrainingConfig.from_dict(model.pop('training'))
+    for key in ('name', 'init_device'):
+        model.pop(key)
+    cfg = DbrxConfig.from_dict(model)
+    training.check_model(cfg)
+    assert cfg.ffn_config.moe_num_experts == 16 and training.moe_backend == 'auto'
