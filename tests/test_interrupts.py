@@ -293,3 +293,29 @@ def test_convert_ctrl_c_leaves_no_output(tmp_path):
     assert not late and rc != 0, 'the conversion finished before the interrupt: make the model bigger'
     assert rc == 130
     assert not out_dir.exists() and not any('.partial-' in p.name for p in tmp_path.iterdir())
+
+
+def test_ctrl_c_while_a_worker_is_forked_is_not_lost():
+    """The CI failure this guards: Ctrl-C arriving while prep-data's pool forked a worker was delivered to another
+    thread, and Python ran the SIGINT handler in the main thread inside a fork hook (logging's ``_releaseLock``), where
+    the KeyboardInterrupt was reported as 'ignored' and the run went on to the end. Here the pool's submit runs the
+    installed SIGINT handler inside a finaliser, where an exception is dropped the same way (which thread the kernel
+    picks is not up to a test); ``_submit`` must still end in KeyboardInterrupt, after submit returned."""
+    from foundry_dbrx.data import prep
+
+    class HandlerInFinaliser:
+        def __del__(self):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+    submitted = []
+
+    class Pool:
+        def submit(self, fn, *args):
+            HandlerInFinaliser()  # dropped at once: __del__ runs inside submit
+            submitted.append(args)
+            return 'submitted'
+
+    with pytest.raises(KeyboardInterrupt):
+        prep._submit(Pool(), ['text'])
+    assert submitted == [(['text'],)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back

@@ -29,6 +29,7 @@ import signal
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.parse
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -378,16 +379,27 @@ def _batches(docs: Iterator[Document], counts: PrepSummary) -> Iterator[list[str
 
 def _submit(pool: ProcessPoolExecutor, batch: list[str]) -> Future:
     # submit() may start worker processes. Until a worker's initializer runs (after fork hooks, or a fresh
-    # interpreter's start-up) Ctrl-C would kill it with a traceback, and one that reaches this process inside a fork
-    # hook is dropped by Python (hook errors are only reported). SIGINT is blocked meanwhile: the workers inherit
-    # the block, and here it arrives, late by the length of one fork, once unblocked.
-    if not hasattr(signal, 'pthread_sigmask'):
+    # interpreter's start-up) Ctrl-C would kill it with a traceback: SIGINT is blocked in this thread meanwhile, and
+    # the workers inherit the block. That is not enough for this process: the kernel then hands SIGINT to another
+    # thread (the pool's manager, tqdm's monitor), and Python runs the handler in this thread at its next bytecode,
+    # possibly inside a fork hook (logging's _releaseLock), where a KeyboardInterrupt is reported and dropped: the
+    # run went on to the end (seen in CI). So while submitting, the handler only records the signal; it is acted on
+    # once submit() has returned.
+    if not hasattr(signal, 'pthread_sigmask') or threading.current_thread() is not threading.main_thread():
         return pool.submit(_encode_batch, batch)
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return pool.submit(_encode_batch, batch)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 def _encoded(batches: Iterator[list[str]], workers: int) -> Iterator[list[np.ndarray]]:
