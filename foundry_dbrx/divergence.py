@@ -36,14 +36,15 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or gradient norm; the message is one line naming the step."""
 
 
-def _loss_values(loss: Any) -> dict[str, float]:
-    """name -> value of every tensor in a model's ``loss`` output (a tensor, a dict or a sequence of them)."""
+def _loss_tensors(loss: Any) -> dict[str, torch.Tensor]:
+    """name -> value (a 0-d fp32 tensor, still on its device) of every tensor in a model's ``loss`` output (a
+    tensor, a dict or a sequence of them)."""
     if isinstance(loss, torch.Tensor):
-        return {'total': float(loss.detach().float().sum())}
+        return {'total': loss.detach().float().sum()}
     if isinstance(loss, dict):
-        return {k: float(v.detach().float().sum()) for k, v in loss.items() if isinstance(v, torch.Tensor)}
+        return {k: v.detach().float().sum() for k, v in loss.items() if isinstance(v, torch.Tensor)}
     if isinstance(loss, (list, tuple)):
-        return {f'loss[{i}]': float(v.detach().float().sum()) for i, v in enumerate(loss) if isinstance(v, torch.Tensor)}
+        return {f'loss[{i}]': v.detach().float().sum() for i, v in enumerate(loss) if isinstance(v, torch.Tensor)}
     return {}
 
 
@@ -75,20 +76,20 @@ class DivergenceGuard(Callback):
         self.check_grad_norm = check_grad_norm
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
-        losses = _loss_values(state.loss)
-        bad_loss = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        losses = _loss_tensors(state.loss)
         grad_sq = None
         if self.check_grad_norm and state.precision != Precision.AMP_FP16:
             grad_sq = _local_grad_sq(state.model)
-        # One all-reduce carries both: every rank must stop at the same step, or the others hang in a collective.
+        # One all-reduce carries both, and one read-back is the step's only host sync here: every rank must stop at
+        # the same step, or the others hang in a collective.
         device = grad_sq.device if grad_sq is not None else state.device.tensor_to_device(torch.zeros(1)).device
-        flags = torch.stack([
-            grad_sq if grad_sq is not None else torch.zeros((), device=device),
-            torch.tensor(float(bool(bad_loss)), device=device),
-        ]).float()
+        bad_flag = (~torch.isfinite(torch.stack([v.to(device) for v in losses.values()]))).any().float() \
+            if losses else torch.zeros((), device=device)
+        flags = torch.stack([grad_sq if grad_sq is not None else torch.zeros((), device=device), bad_flag]).float()
         if dist.get_world_size() > 1:
             dist.all_reduce(flags, reduce_operation='SUM')
         norm_sq, any_bad_loss = flags.tolist()
+        bad_loss = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))} if any_bad_loss else {}
         norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) and norm_sq >= 0 else norm_sq
         if any_bad_loss or not math.isfinite(norm):
             what = (['loss ' + ', '.join(f'{k}={v}' for k, v in bad_loss.items())] if bad_loss else

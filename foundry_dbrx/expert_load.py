@@ -246,7 +246,7 @@ class ExpertLoad(Callback):
             return
         overall, detail = expert_load_metrics(report, self.lb_loss_type)
         if any(r.select_with_bias for r in self.routers):
-            ranges = [float(r.expert_bias.max() - r.expert_bias.min()) for r in self.routers]
+            ranges = torch.stack([r.expert_bias.max() - r.expert_bias.min() for r in self.routers]).tolist()
             overall[f'{METRIC_PREFIX}/bias_range'] = max(ranges)
             detail.update({f'{layer_prefix(i, len(ranges))}/bias_range': v for i, v in enumerate(ranges)})
         logger.log_metrics(overall, step=batch)

@@ -85,6 +85,8 @@ def activation_checkpointing_fn(model: DbrxForCausalLM, training: DbrxTrainingCo
         return (block,)
 
     def check(module: nn.Module) -> bool:
+        if not isinstance(module, (DbrxBlock, DbrxNormAttentionNorm, DbrxExperts)):
+            return False  # most modules: no scan of the blocks
         return any(module is part for i, block in enumerate(model.transformer.blocks) if i % every == 0
                    for part in parts(block))
 
@@ -200,8 +202,9 @@ class DbrxParallelize(Callback):
     """Composer callback (registered as ``dbrx_parallelize``) that applies the FSDP2 plan at ``Event.INIT``.
 
     ``foundry-dbrx train`` adds it to every dbrx run; a YAML run by ``llmfoundry train`` lists it under
-    ``callbacks: {dbrx_parallelize: {}}``. Without expert parallelism or replication it does nothing (Composer's
-    own FSDP1 or FSDP2 wrapping applies, with the hooks of :func:`attach_composer_hooks`).
+    ``callbacks: {dbrx_parallelize: {}}``. Without expert parallelism or replication it leaves the wrapping to
+    Composer's own FSDP1 or FSDP2 (with the hooks of :func:`attach_composer_hooks`), and on a single process it
+    applies the activation checkpointing Composer would not (below).
 
     Args:
         activation_checkpointing: checkpoint activations (what ``training.activation_checkpointing`` names) where

@@ -251,8 +251,9 @@ class RunSummary(Callback):
             saved = getattr(cb, 'all_saved_checkpoints_to_timestamp', None) or {}
             # Rotation (save_num_checkpoints_to_keep) removes older ones: list only what is still there.
             files.extend(os.path.abspath(str(p)) for p in saved if os.path.exists(str(p)))
-            latest = os.path.join(folder, 'latest-rank0.pt')
-            if not saved and os.path.exists(latest):  # nothing saved by this process: what a rerun would load
+            # nothing saved by this process: what a rerun would load (the saver's own name for its latest link)
+            latest = os.path.abspath(cb.latest_filename.format(state)) if cb.latest_filename else None
+            if not saved and latest and os.path.exists(latest):
                 files.append(os.path.realpath(latest))
         return files, folders
 

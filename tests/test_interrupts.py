@@ -315,7 +315,13 @@ def test_ctrl_c_while_a_worker_is_forked_is_not_lost():
             submitted.append(args)
             return 'submitted'
 
-    with pytest.raises(KeyboardInterrupt):
-        prep._submit(Pool(), ['text'])
-    assert submitted == [(['text'],)]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    # Python's own Ctrl-C handler, as in a fresh prep-data process (an in-process Trainer of an earlier test may have
+    # left its handler installed)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prep._submit(Pool(), ['text'])
+        assert submitted == [(['text'],)]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    finally:
+        signal.signal(signal.SIGINT, before)
