@@ -150,11 +150,6 @@ def expert_load_metrics(report: ExpertLoadReport, lb_loss_type: str) -> tuple[di
     return overall, detail
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def _world_group() -> Optional[torch_dist.ProcessGroup]:
     return torch_dist.group.WORLD if dist.get_world_size() > 1 else None
 
@@ -190,7 +185,8 @@ class ExpertLoad(Callback):
 
     # --- Composer events ---------------------------------------------------------------------------------------
     def init(self, state: State, logger: Logger) -> None:
-        model = _unwrap(state.model)
+        from foundry_dbrx.hf.gather import unwrap_ddp
+        model = unwrap_ddp(state.model)
         self.routers = [m for m in model.modules() if isinstance(m, DbrxRouter)]
         training = getattr(model, 'training_config', None)
         if not self.routers or training is None:

@@ -79,13 +79,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from foundry_dbrx.config import DbrxConfig
+from foundry_dbrx.config import DbrxConfig, DbrxTrainingConfig
 
 __all__ = ['TrainSetup', 'MemoryPlan', 'setup_from_yaml', 'plan_memory', 'plan_communication', 'attention_saved_bytes',
            'router_saved_bytes', 'experts_saved_bytes', 'layer_saved_bytes', 'param_counts', 'add_arguments', 'run']
@@ -311,19 +310,14 @@ def plan_memory(cfg: DbrxConfig, s: TrainSetup) -> MemoryPlan:
 
 # --- from a YAML --------------------------------------------------------------------------------------------------
 
-def _model_config(model: Mapping[str, Any]) -> DbrxConfig:
-    """The architecture of a ``model:`` section: every key ComposerDbrxCausalLM takes itself is not config."""
-    from foundry_dbrx.composer_model import ComposerDbrxCausalLM
+def _model_config(model: Mapping[str, Any]) -> tuple[DbrxConfig, DbrxTrainingConfig]:
+    """The architecture and training choices of a ``model:`` section, parsed and checked as the model does."""
+    from foundry_dbrx.composer_model import config_from_model_section
 
     name = model.get('name', 'dbrx')
     if name != 'dbrx':
         raise ValueError(f"model.name ({name!r}) must be 'dbrx': plan knows the dbrx model only")
-    own = set(inspect.signature(ComposerDbrxCausalLM.__init__).parameters) - {'self', 'model_config'}
-    arch = {k: v for k, v in model.items() if k not in own and k != 'name'}
-    if model.get('pretrained_hf_dir'):
-        from foundry_dbrx.hf import config_with_hf
-        return config_with_hf(model['pretrained_hf_dir'], arch)
-    return DbrxConfig.from_dict(arch)
+    return config_from_model_section(model)
 
 
 def setup_from_yaml(yaml_path: str, overrides: tuple = (), *, gpus: int, ep: int = 1,
@@ -335,7 +329,7 @@ def setup_from_yaml(yaml_path: str, overrides: tuple = (), *, gpus: int, ep: int
 
     cfg = om.to_container(load_config(yaml_path, overrides), resolve=True)
     model = cfg.get('model') or {}
-    arch = _model_config(model)
+    arch, choices = _model_config(model)
     seq_len = int(((cfg.get('train_loader') or {}).get('dataset') or {}).get('max_seq_len')
                   or cfg.get('max_seq_len') or arch.max_seq_len)
     global_batch = cfg.get('global_train_batch_size')
@@ -349,8 +343,6 @@ def setup_from_yaml(yaml_path: str, overrides: tuple = (), *, gpus: int, ep: int
     if mb == 'auto':
         mb = per_gpu
     fsdp_cfg = cfg.get('fsdp_config')
-    from foundry_dbrx.config import DbrxTrainingConfig
-    choices = DbrxTrainingConfig.from_dict(model.get('training'))
     training = {'fused_cross_entropy': choices.fused_cross_entropy, 'gqa_impl': choices.gqa_impl,
                 'ac_target': choices.activation_checkpointing}
     if ep == 1:

@@ -26,7 +26,7 @@ import sys
 import zipfile
 from typing import Any, Optional, Sequence
 
-__all__ = ['TrainInputError', 'load_config', 'preflight', 'checkpoint_to_load', 'start_over', 'main',
+__all__ = ['TrainInputError', 'load_config', 'checkpoint_to_load', 'start_over', 'main',
            'DETERMINISTIC_ENV']
 
 DETERMINISTIC_ENV = 'FOUNDRY_DBRX_DETERMINISTIC'
@@ -100,14 +100,6 @@ def _wants_fsdp2(cfg) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- pre-flight
-def preflight(cfg: Any, yaml_path: str = 'the YAML') -> tuple[Optional[str], bool]:
-    """Checks made before anything is built; raises :class:`TrainInputError`. Returns :func:`checkpoint_to_load`'s
-    answer: the local checkpoint training will load (or None) and whether autoresume chose it."""
-    checkpoint = _check_files(cfg, yaml_path)
-    _check_config(cfg, yaml_path)
-    return checkpoint
-
-
 def _check_files(cfg: Any, yaml_path: str) -> tuple[Optional[str], bool]:
     # Files on disk only: these come before the imports of LLM Foundry and Composer (seconds).
     resolved = _resolved(cfg, yaml_path)
