@@ -71,8 +71,8 @@ def activation_checkpointing_fn(model: DbrxForCausalLM, training: DbrxTrainingCo
     outside the recomputed region, so nothing is exchanged twice).
 
     ``block`` in an expert-parallel block checkpoints its attention and its expert GEMMs as two regions instead:
-    recomputing the whole block would replay both all-to-alls of its dispatch in the backward (on 2 H200s that was
-    3 of the 11 exchanges per layer and step); the dispatched rows stay saved instead (about 2 x top_k copies of the
+    recomputing the whole block would replay the exchanges of its dispatch and combine in the backward (4 of the 11
+    per layer and microbatch); the dispatched rows stay saved instead (about 2 x top_k copies of the
     block's input). Decided when the wrapper asks, after :func:`apply_expert_parallel` has run.
     """
     target, every = training.activation_checkpointing, training.activation_checkpointing_every

@@ -405,7 +405,8 @@ def run(args: argparse.Namespace) -> int:
 
     from foundry_dbrx.divergence import DivergenceError
     from foundry_dbrx.summary import RunInterrupted
-    if _wants_fsdp2(cfg) and os.environ.get('FSDP_VERSION', '1') != '2':
+    from foundry_dbrx.parallelize import fsdp_version
+    if _wants_fsdp2(cfg) and fsdp_version() != 2:
         # Composer 0.32 picks FSDP2 from this variable when it builds the Trainer, after this point.
         os.environ['FSDP_VERSION'] = '2'
         if _is_rank_zero():
