@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 __all__ = ['DbrxAttentionConfig', 'DbrxFFNConfig', 'DbrxConfig', 'DbrxTrainingConfig', 'MOE_BACKENDS', 'LB_LOSS_TYPES',
-           'AC_TARGETS', 'ROUTER_BIAS_HF_KEY']
+           'AC_TARGETS', 'COMPILE_TARGETS', 'ROUTER_BIAS_HF_KEY']
 
 # Names of the expert backends a config may ask for; the classes live in ``foundry_dbrx.moe.experts``.
 MOE_BACKENDS = ('auto', 'eager', 'grouped_mm', 'megablocks', 'grouped_mm_triton')
@@ -31,6 +31,7 @@ LB_LOSS_SCOPES = ('global', 'local')
 GQA_IMPLS = ('auto', 'repeat_kv', 'enable_gqa')
 # What activation checkpointing wraps when the YAML turns it on (fsdp_config.activation_checkpointing: true).
 AC_TARGETS = ('block', 'attention', 'experts')
+COMPILE_TARGETS = ('none', 'attention', 'block')
 
 # Where an HF export carries the routers' expert biases (aux-loss-free balancing, [n_layers][moe_num_experts]):
 # a top-level config.json key, which transformers keeps as an attribute and ignores. State, not architecture, so
@@ -270,6 +271,10 @@ class DbrxTrainingConfig:
             of the global batch. Needs the ``dbrx_expert_load`` callback, which applies the updates.
         moe_bias_update_rate: how far one step moves an expert's bias (DeepSeek-V3's gamma, 0.001); 0 keeps a
             loaded bias fixed (it still steers the choice).
+        compile: what ``torch.compile`` fuses: ``none``; ``attention`` (each block's norms, QKV clip, RoPE,
+            attention and residual add: the elementwise work around the GEMMs); ``block`` (the whole block but the
+            expert GEMMs, which stay our kernels: router, dispatch and combine too). Compiled once on the first
+            step (a minute or so); the graph is shared by the blocks.
     """
 
     moe_backend: str = 'auto'
@@ -284,6 +289,7 @@ class DbrxTrainingConfig:
     moe_z_loss_weight: float = 0.0
     moe_bias_balancing: bool = False
     moe_bias_update_rate: float = 0.001
+    compile: str = 'none'
 
     def __post_init__(self) -> None:
         if self.moe_backend not in MOE_BACKENDS:
@@ -310,6 +316,8 @@ class DbrxTrainingConfig:
             raise ValueError(f'training.moe_bias_balancing ({self.moe_bias_balancing!r}) must be true or false')
         if not _is_number(self.moe_bias_update_rate) or self.moe_bias_update_rate < 0:
             raise ValueError(f'training.moe_bias_update_rate ({self.moe_bias_update_rate!r}) must be a number >= 0')
+        if self.compile not in COMPILE_TARGETS:
+            raise ValueError(f'training.compile ({self.compile!r}) must be one of {list(COMPILE_TARGETS)}')
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]]) -> 'DbrxTrainingConfig':

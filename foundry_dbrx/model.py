@@ -20,6 +20,7 @@ from foundry_dbrx.config import GQA_IMPLS, DbrxConfig, DbrxTrainingConfig
 from foundry_dbrx.moe.layer import DbrxFFN
 from foundry_dbrx.moe.router import DbrxRouter, Routing
 from foundry_dbrx.ops.cross_entropy import linear_cross_entropy
+from foundry_dbrx.ops.weight_grad import cast_weight, compute_dtype
 
 __all__ = ['DbrxForCausalLM', 'DbrxModel', 'DbrxBlock', 'DbrxAttention', 'DbrxOutput', 'DbrxLossOutput',
            'rotary_cos_sin', 'assign_full', 'GQA_IMPLS']
@@ -185,6 +186,7 @@ class DbrxForCausalLM(nn.Module):
             if isinstance(module, DbrxAttention):
                 module.gqa_impl = check_gqa_impl(self.training_config.gqa_impl)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
+        compile_blocks(self.transformer.blocks, self.training_config.compile)
         # Every parameter's initial value depends only on this seed (the run's, as Composer seeds torch before it
         # builds the model) and the parameter's name: see init_module. Module names are kept by identity, as
         # wrappers (FSDP, activation checkpointing) add infixes to the names but keep the modules.
@@ -198,9 +200,12 @@ class DbrxForCausalLM(nn.Module):
         cross entropy run chunk by chunk (:func:`foundry_dbrx.ops.linear_cross_entropy`). The head weight is used
         here, inside forward, where FSDP has it gathered."""
         h_BSD, routings = self.transformer(input_ids)
+        # The head's cast to the compute dtype, with the gradient added straight into the fp32 .grad (ops.weight_grad);
+        # F.linear under autocast would cast it the same way.
+        weight_VD = cast_weight(self.lm_head.weight, compute_dtype(h_BSD))
         if targets is None:
-            return DbrxOutput(self.lm_head(h_BSD), routings)
-        return DbrxLossOutput(linear_cross_entropy(h_BSD, self.lm_head.weight, targets), routings)
+            return DbrxOutput(F.linear(h_BSD, weight_VD), routings)
+        return DbrxLossOutput(linear_cross_entropy(h_BSD, weight_VD, targets), routings)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -239,6 +244,27 @@ class DbrxForCausalLM(nn.Module):
                 full = torch.empty(param.shape, dtype=param.dtype, device=gen_device).normal_(0.0, scale,
                                                                                              generator=gen)
             assign_full(param, full.to(device))
+
+
+# Keyword arguments of every torch.compile call the model makes (tests compile with backend='aot_eager', which needs
+# no C++ compiler on the CPU).
+COMPILE_KWARGS: dict = {}
+
+
+def compile_blocks(blocks: nn.ModuleList, target: str) -> None:
+    """``training.compile``: marks each block's attention part (``attention``) or the whole block (``block``) for
+    ``torch.compile``, in place (``nn.Module.compile``: the module keeps its parameters and names, so FSDP,
+    activation checkpointing and state dicts see the same module tree). The expert computation and the token
+    dispatch stay outside the graph under ``block`` (our Triton and grouped-GEMM kernels, and custom autograd
+    functions that run the expert-parallel exchanges): dynamo stops before them and resumes after."""
+    if target == 'none':
+        return
+    for block in blocks:
+        if target == 'attention':
+            block.norm_attn_norm.compile(**COMPILE_KWARGS)
+        else:
+            block.ffn.run_experts = torch.compiler.disable(block.ffn.run_experts)
+            block.compile(**COMPILE_KWARGS)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foundry_dbrx.moe import grouped_mm, megablocks_backend
+from foundry_dbrx.ops.weight_grad import cast_weight, compute_dtype
 
 __all__ = ['DbrxExpertGLU', 'DbrxExperts', 'ExpertBackend', 'ExpertFn', 'BACKENDS', 'resolve_backend',
            'eager_experts']
@@ -143,11 +144,13 @@ class DbrxExpertGLU(nn.Module):
         for w in (self.w1, self.v1, self.w2):
             nn.init.normal_(w, std=std)
 
-    def expert_views(self, num_local_experts: int, grad_scale: float = 1.0
+    def expert_views(self, num_local_experts: int, grad_scale: float = 1.0, dtype: Optional[torch.dtype] = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[El, F, D]`` views of this rank's experts. Under expert parallelism the parameters are DTensors
-        sharded by expert over the EP group, and the local shard is taken (differentiably); ``grad_scale``
-        multiplies the gradient that flows back to them (expert parallelism's correction, see parallelize.py)."""
+        """``[El, F, D]`` views of this rank's experts, cast to ``dtype`` if given (by :func:`cast_weight`, whose
+        backward adds the gradient straight into an fp32 ``.grad`` where it can). Under expert parallelism the
+        parameters are DTensors sharded by expert over the EP group, and the local shard is taken
+        (differentiably); ``grad_scale`` multiplies the gradient that flows back to them (expert parallelism's
+        correction, see parallelize.py)."""
         f, d = self.ffn_hidden_size, self.d_model
         views = []
         for w in (self.w1, self.v1, self.w2):
@@ -155,6 +158,7 @@ class DbrxExpertGLU(nn.Module):
             if local.shape != (num_local_experts * f, d):
                 raise RuntimeError(f'expert weights hold {list(local.shape)} on this rank, not the '
                                    f'[{num_local_experts} experts x {f}, {d}] the dispatcher routes to')
+            local = cast_weight(local, dtype)
             if grad_scale != 1.0:
                 local = _ScaleGrad.apply(local, grad_scale)
             views.append(local.view(num_local_experts, f, d))
@@ -207,7 +211,7 @@ class DbrxExperts(nn.Module):
         if offs_El.numel() != self.num_local_experts:
             raise RuntimeError(f'the dispatcher routed to {offs_El.numel()} experts; this rank holds '
                                f'{self.num_local_experts}')
-        weights = self.mlp.expert_views(self.num_local_experts, self.grad_scale)
+        weights = self.mlp.expert_views(self.num_local_experts, self.grad_scale, dtype=compute_dtype(x_RD))
         return self.backend_for(x_RD).fn(x_RD, w_R, offs_El, *weights)
 
     def extra_repr(self) -> str:

@@ -42,10 +42,12 @@ class DbrxFFN(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD)
+        return self.run_experts(x_TD, routing).view_as(x_BSD), routing
+
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """dispatch -> experts -> combine (kept out of ``torch.compile``'s graph by ``training.compile: block``)."""
         x_RD, w_R, offs_El, state = self.dispatcher.dispatch(x_TD, routing)
-        y_RD = self.experts(x_RD, w_R, offs_El)
-        y_TD = self.dispatcher.combine(y_RD, state)
-        return y_TD.view_as(x_BSD), routing
+        return self.dispatcher.combine(self.experts(x_RD, w_R, offs_El), state)
 
     def extra_repr(self) -> str:
         return f'dispatcher={self.dispatcher!r}'
