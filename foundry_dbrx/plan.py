@@ -52,8 +52,9 @@ Loss (the output layer and cross entropy):
     through backward; ``log_softmax`` saves its fp32 output (``4 T V``); in backward the ``nll_loss`` gradient and
     the ``log_softmax`` gradient are both fp32 ``T V`` at once: peak ``(c + 12) T V`` bytes.
   - ``fused_cross_entropy: true`` (``ops/cross_entropy.py``, chunks of C tokens, gradients in forward): the fp32
-    weight-gradient accumulator ``4 V D`` and ``dh`` ``c T D`` wait for backward; a chunk holds at most
-    ``max(6 C V, 2 C V + 6 V D)``.
+    weight-gradient accumulator ``4 V D`` and ``dh`` ``c T D`` wait for backward; a chunk holds its logits
+    ``c C V`` (the Triton kernel writes their gradient over them) and, where torch has no fp32-output GEMM
+    (before 2.8), the ``c V D`` product added into the accumulator.
 Phases: the peak is the largest of (A) the loss in forward, (B) the start of backward (loss gradients), (C) the
 backward of the first block differentiated, (D) the optimizer step (two fp32 temporaries of the largest parameter
 shard: Composer's DecoupledAdamW allocates its ``denom``). "Fits" allows 5% for the caching allocator's
@@ -114,7 +115,7 @@ class TrainSetup:
     ep: int = 1
     ac_target: str = 'block'  # training.activation_checkpointing: block | attention | experts
     fused_cross_entropy: bool = False
-    ce_chunk_tokens: int = 2048
+    ce_chunk_tokens: int = 8192  # ops.cross_entropy.DEFAULT_CHUNK_TOKENS (not imported: plan stays torch-free)
     gqa_impl: str = 'auto'  # auto -> enable_gqa on CUDA in bf16/fp16 (model.py)
 
     def __post_init__(self) -> None:
@@ -282,7 +283,7 @@ def plan_memory(cfg: DbrxConfig, s: TrainSetup) -> MemoryPlan:
     terms['backward buffers of one block'] = c * slots * (2 * d + cfg.ffn_config.ffn_hidden_size) + 2 * r * t * d
     if s.fused_cross_entropy:
         chunk = min(s.ce_chunk_tokens, t)
-        terms['loss: forward'] = 4 * v * d + c * t * d + max(6 * chunk * v, 2 * chunk * v + 6 * v * d)
+        terms['loss: forward'] = 4 * v * d + c * t * d + c * chunk * v + c * v * d
         terms['loss: backward start'] = 4 * v * d + c * t * d + c * v * d
     else:
         terms['loss: forward'] = ((c + 8) if amp else 8) * t * v  # logits, their fp32 copy, log_softmax's output

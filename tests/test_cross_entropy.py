@@ -1,11 +1,22 @@
 """The chunked linear cross entropy against the plain one (full logits, fp32 F.cross_entropy): loss and the
 gradients of the hidden states and of the output weight, in fp32 and bf16, with ignored targets, all-ignored
-rows, sizes that do not divide into chunks, both gradient schedules and a scaled incoming gradient."""
+rows, sizes that do not divide into chunks, both gradient schedules and a scaled incoming gradient. The Triton
+kernel runs in Triton's CPU interpreter against the PyTorch ops (the CUDA test runs the compiled one at DBRX's
+vocabulary on a GPU box)."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
+from foundry_dbrx.ops import cross_entropy_kernels as kernels
 from foundry_dbrx.ops import linear_cross_entropy, linear_cross_entropy_reference
+from foundry_dbrx.ops.cross_entropy import _linear_cross_entropy
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 
 def _inputs(n, d, v, dtype, ignore_every=3, seed=0):
@@ -135,3 +146,135 @@ def test_composer_model_fused_loss_matches_logits_path():
     assert isinstance(fused.eval()(batch), DbrxOutput)  # evaluation still computes logits
     with pytest.raises(ValueError, match=r"training.fused_cross_entropy \('yes'\) must be true or false"):
         ComposerDbrxCausalLM(**tiny_config(), training={'fused_cross_entropy': 'yes'})
+
+
+def test_weight_grad_accumulation():
+    """The fp32 weight gradient: the first chunk overwrites whatever the buffer held (it is not zero-filled), the
+    next ones add; fp32 operands through addmm, bf16 ones through the product and one add (no fp32-output GEMM on
+    CPU)."""
+    assert kernels.cross_entropy_ops_for(torch.zeros(1)) is kernels.TorchCrossEntropyOps
+    assert not kernels.fp32_out_gemm(torch.device('cpu'))
+    gen = torch.Generator().manual_seed(1)
+    g1, g2 = torch.randn(9, 20, generator=gen), torch.randn(5, 20, generator=gen)
+    h1, h2 = torch.randn(9, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        dw = torch.full((20, 8), float('nan'))
+        kernels.accumulate_weight_grad(dw, g1.to(dtype), h1.to(dtype), first=True)
+        kernels.accumulate_weight_grad(dw, g2.to(dtype), h2.to(dtype), first=False)
+        want = g1.double().t() @ h1.double() + g2.double().t() @ h2.double()
+        torch.testing.assert_close(dw.double(), want, rtol=tol, atol=tol)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent('''
+    import torch
+    from foundry_dbrx.ops import cross_entropy_kernels as kernels
+    from foundry_dbrx.ops.cross_entropy import _linear_cross_entropy, linear_cross_entropy_reference
+    from foundry_dbrx.ops.cross_entropy_kernels import TorchCrossEntropyOps as Torch, TritonCrossEntropyOps as Triton
+
+    # BLOCK_V 16: V = 53 leaves a last block of 5 columns, V = 64 none.
+    kernels.TRITON_CE_CONFIG.update(BLOCK_V=16, num_warps=1)
+    gen = torch.Generator().manual_seed(0)
+
+    def close_dlogits(got, want):
+        if want.dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        else:  # the same fp32 value up to exp's last bits, rounded once: at most one bf16 unit apart
+            torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-30)
+
+    # One chunk: loss, lse, and the gradient written over the logits.
+    for dtype in (torch.float32, torch.bfloat16):
+        for v in (53, 64):
+            logits = (torch.randn(7, v, generator=gen) * 3).to(dtype)
+            t = torch.randint(0, v, (7,), generator=gen)
+            t[2] = t[5] = -100
+            t[6] = v - 1  # the last column of the last block
+            want = Torch.chunk_cross_entropy(logits.clone(), t, -100, grad=True)
+            buf = logits.clone()
+            got = Triton.chunk_cross_entropy(buf, t, -100, grad=True)
+            assert got[2] is buf  # in place
+            torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-5)
+            assert got[0][2] == 0 and got[2][2].abs().max() == 0  # ignored rows: no loss, no gradient
+            close_dlogits(got[2], want[2])
+            # Without gradients the logits stay; with a given lse and a scale, the scaled gradient.
+            buf = logits.clone()
+            loss, lse, none = Triton.chunk_cross_entropy(buf, t, -100, grad=False)
+            assert none is None and torch.equal(buf, logits)
+            torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=1e-5)
+            scale = torch.tensor(0.37)
+            want_s = Torch.chunk_cross_entropy(logits.clone(), t, -100, grad=True, lse_C=lse, scale=scale)
+            got_s = Triton.chunk_cross_entropy(logits.clone(), t, -100, grad=True, lse_C=lse, scale=scale)
+            close_dlogits(got_s[2], want_s[2])
+            torch.testing.assert_close(got_s[2].float(), 0.37 * got[2].float(), rtol=2 ** -6, atol=1e-30)
+
+    # A target outside [0, V) that is not ignore_index: a NaN loss, no read outside the row.
+    loss, _, _ = Triton.chunk_cross_entropy(torch.randn(2, 53, generator=gen), torch.tensor([53, 1]), -100,
+                                            grad=False)
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+
+    # The whole function: loss, dh, dW against the PyTorch ops (and the plain path in fp32), both schedules,
+    # 37 tokens in chunks of 16, a scaled incoming gradient.
+    for dtype in (torch.float32, torch.bfloat16):
+        h = (torch.randn(37, 16, generator=gen) * 2).to(dtype).requires_grad_()
+        w = (torch.randn(53, 16, generator=gen) / 4).to(dtype).requires_grad_()
+        t = torch.randint(0, 53, (37,), generator=gen)
+        t[::3] = -100
+        for grad_in_forward in (True, False):
+            results = []
+            for ops in (Torch, Triton):
+                loss = _linear_cross_entropy(h, w, t, -100, 16, grad_in_forward, ops)
+                results.append((loss.detach(), *torch.autograd.grad(loss * 0.37, (h, w))))
+            (loss, dh, dw), (want_loss, want_dh, want_dw) = results[1], results[0]
+            assert loss.dtype == torch.float32 and dh.dtype == dw.dtype == dtype
+            torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-5)
+            # fp32: summation order only; bf16: dlogits one unit apart at most, so dh, dW within two units of
+            # their largest entry.
+            for got, want in ((dh, want_dh), (dw, want_dw)):
+                tol = 1e-6 if dtype == torch.float32 else 2 ** -6
+                torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * want.float().abs().max())
+            if dtype == torch.float32:
+                ref = linear_cross_entropy_reference(h, w, t)
+                for got, want in zip(results[1], (ref.detach(), *torch.autograd.grad(ref * 0.37, (h, w)))):
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(_linear_cross_entropy(h, w, t, -100, 16, None, Triton), loss)
+    print('ok')
+''')
+
+
+def test_triton_kernel_in_the_interpreter():
+    """The Triton kernel, run by Triton's CPU interpreter, against the PyTorch ops: per chunk (loss, lse, the
+    in-place gradient, a given lse and a scale, ignored rows, a V that is and one that is not a multiple of the
+    block, an out-of-range target) and inside the chunked function (loss, dh, dW, both schedules, fp32 and
+    bf16)."""
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    res = subprocess.run([sys.executable, '-c', _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stdout + res.stderr
+
+
+@cuda
+@pytest.mark.parametrize('grad_in_forward', [True, False])
+def test_cuda_triton_matches_torch_ops_at_dbrx_vocabulary(grad_in_forward):
+    """The compiled kernel at V = 100352 (not a multiple of the 4096-column block) in bf16, and the fp32-output
+    weight-gradient GEMM where torch has it, against the PyTorch ops; prints the largest differences (-s)."""
+    h, w, t = (x.cuda() for x in _inputs(3000, 256, 100352, torch.bfloat16, ignore_every=7))
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    results = []
+    for ops in (kernels.TorchCrossEntropyOps, kernels.TritonCrossEntropyOps):
+        loss = _linear_cross_entropy(h, w, t, -100, 1024, grad_in_forward, ops)
+        results.append((loss.detach(), *torch.autograd.grad(loss * 0.5, (h, w))))
+    exact = _loss_and_grads(linear_cross_entropy_reference, h.double(), w.double(), t.cuda(), 0.5)
+    print(f'fp32-output GEMM: {kernels.fp32_out_gemm(h.device)}')
+    for name, got, want, x in zip(('loss', 'dh', 'dw'), results[1], results[0], exact):
+        err = (got.double() - x).abs().max().item() / x.abs().max().item()
+        err_torch = (want.double() - x).abs().max().item() / x.abs().max().item()
+        print(f'{name}: triton {err:.2e}, torch ops {err_torch:.2e} (relative to the largest entry, vs float64)')
+        assert err <= 1.5 * err_torch + 2 ** -8, (name, err, err_torch)
+
+
+def test_plan_sizes_the_default_chunk():
+    from foundry_dbrx.ops.cross_entropy import DEFAULT_CHUNK_TOKENS
+    from foundry_dbrx.plan import TrainSetup
+    assert TrainSetup(gpus=1, seq_len=8, batch_per_gpu=1, microbatch=1).ce_chunk_tokens == DEFAULT_CHUNK_TOKENS

@@ -9,8 +9,13 @@ through in chunks of C rows, and only one chunk's ``[C, V]`` logits exist at a t
   2. ``lse_C = logsumexp(logits_CV)`` and the target logit, in fp32: ``loss = sum (lse_C - logit_C[t])`` over the
      rows whose target is not ``ignore_index``
   3. gradient of the chunk: ``dlogits_CV = softmax(logits_CV) - onehot(t)`` (fp32, rounded once to the compute
-     dtype; zero rows for ignored targets), ``dh_CD = dlogits_CV @ W_VD``, ``dW_VD += dlogits_CV^T @ h_CD``
-     (accumulated over chunks in fp32)
+     dtype, written over the logits; zero rows for ignored targets), ``dh_CD = dlogits_CV @ W_VD``,
+     ``dW_VD += dlogits_CV^T @ h_CD`` (accumulated over chunks in fp32)
+
+Steps 2 and the first half of 3 are one Triton kernel on CUDA (two reads of the compute-dtype logits, one write;
+:mod:`foundry_dbrx.ops.cross_entropy_kernels`), plain PyTorch elsewhere (an fp32 copy and a chain of elementwise
+ops: the reference, tested against it). The fp32 ``dW`` accumulation runs inside the GEMM where torch has an
+fp32-output GEMM (``out_dtype``, torch >= 2.8 on CUDA), else as one mixed-dtype add per chunk.
 
 Two schedules for step 3, both tested against the reference:
   - ``grad_in_forward=True`` (the default when gradients are needed): step 3 runs in forward while the chunk's
@@ -30,11 +35,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from foundry_dbrx.ops.cross_entropy_kernels import accumulate_weight_grad, cross_entropy_ops_for
+
 __all__ = ['linear_cross_entropy', 'linear_cross_entropy_reference', 'DEFAULT_CHUNK_TOKENS']
 
-# 2048 tokens x 100352 columns: 0.4 GB of compute-dtype logits and 0.8 GB of fp32 per chunk, while the chunk's GEMMs
-# ([2048, D] x [D, 100352]) stay large enough to run near a GEMM's peak.
-DEFAULT_CHUNK_TOKENS = 2048
+# 8192 tokens x 100352 columns: 1.6 GB of bf16 logits per chunk (rewritten in place by their gradient), what the
+# fp32 path needed for 2048 tokens. The per-chunk costs besides the three GEMMs, a pass over the fp32 [V, D] weight
+# gradient and the launches, shrink with larger chunks: at 16k tokens per microbatch, two chunks.
+DEFAULT_CHUNK_TOKENS = 8192
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight_VD: torch.Tensor, targets: torch.Tensor,
@@ -45,58 +53,49 @@ def linear_cross_entropy_reference(h: torch.Tensor, weight_VD: torch.Tensor, tar
                            ignore_index=ignore_index, reduction='sum')
 
 
-def _chunk_loss(h_CD, weight_VD, t_C, ignore_index):
-    """Loss sum of one chunk, its fp32 logits (reused for the gradient), lse and valid-row mask."""
-    logits_CV = (h_CD @ weight_VD.t()).float()  # the GEMM in the compute dtype, as F.linear; then fp32
-    lse_C = torch.logsumexp(logits_CV, dim=-1)
-    valid_C = t_C != ignore_index
-    safe_t_C = torch.where(valid_C, t_C, torch.zeros_like(t_C))
-    target_logit_C = logits_CV.gather(1, safe_t_C[:, None]).squeeze(1)
-    loss = torch.where(valid_C, lse_C - target_logit_C, torch.zeros_like(lse_C)).sum()
-    return loss, logits_CV, lse_C, valid_C, safe_t_C
-
-
-def _chunk_dlogits(logits_CV, lse_C, valid_C, safe_t_C, dtype):
-    """``softmax - onehot`` for the valid rows, zero rows elsewhere, in place over the fp32 logits."""
-    probs_CV = logits_CV.sub_(lse_C[:, None]).exp_()
-    probs_CV.scatter_add_(1, safe_t_C[:, None], torch.full_like(lse_C[:, None], -1.0))
-    probs_CV.mul_(valid_C[:, None])
-    return probs_CV.to(dtype)
-
-
 def _chunks(n: int, chunk: int):
     return ((s, min(s + chunk, n)) for s in range(0, n, chunk))
 
 
+def _chunk_grads(dlogits_CV, h_CD, weight_VD, dh_CD, dw_VD, first):
+    if dh_CD is not None:
+        torch.mm(dlogits_CV, weight_VD, out=dh_CD)
+    if dw_VD is not None:
+        accumulate_weight_grad(dw_VD, dlogits_CV, h_CD, first)
+
+
+def _weight_grad_buffer(weight_VD, n):
+    # The first chunk writes it whole (beta=0), so it needs no zero fill unless there is no chunk at all.
+    return (torch.zeros if n == 0 else torch.empty)(weight_VD.shape, dtype=torch.float32, device=weight_VD.device)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Steps 1-3 of the module docstring; ``grad_in_forward`` picks the schedule."""
+    """Steps 1-3 of the module docstring; ``grad_in_forward`` picks the schedule, ``ops`` the step-2 kernels."""
 
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, t_N, ignore_index, chunk, grad_in_forward):
+    def forward(ctx, h_ND, weight_VD, t_N, ignore_index, chunk, grad_in_forward, ops):
         need_h, need_w = ctx.needs_input_grad[:2]
         n = h_ND.shape[0]
         total = h_ND.new_zeros((), dtype=torch.float32)
         dh_ND = torch.empty_like(h_ND) if grad_in_forward and need_h else None
-        dw_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) \
-            if grad_in_forward and need_w else None
+        dw_VD = _weight_grad_buffer(weight_VD, n) if grad_in_forward and need_w else None
         lse_N = None if grad_in_forward else torch.empty(n, dtype=torch.float32, device=h_ND.device)
         for s, e in _chunks(n, chunk):
-            loss, logits_CV, lse_C, valid_C, safe_t_C = _chunk_loss(h_ND[s:e], weight_VD, t_N[s:e], ignore_index)
-            total += loss
+            # No name holds the logits here: with gradients, ops writes dlogits over them.
+            loss_C, lse_C, dlogits_CV = ops.chunk_cross_entropy(h_ND[s:e] @ weight_VD.t(), t_N[s:e], ignore_index,
+                                                                grad=grad_in_forward)
+            total += loss_C.sum()
             if grad_in_forward:
-                dlogits_CV = _chunk_dlogits(logits_CV, lse_C, valid_C, safe_t_C, h_ND.dtype)
-                del logits_CV
-                if dh_ND is not None:
-                    torch.mm(dlogits_CV, weight_VD, out=dh_ND[s:e])
-                if dw_VD is not None:
-                    dw_VD += (dlogits_CV.t() @ h_ND[s:e]).float()
+                _chunk_grads(dlogits_CV, h_ND[s:e], weight_VD, None if dh_ND is None else dh_ND[s:e], dw_VD,
+                             first=s == 0)
+                del dlogits_CV
             else:
                 lse_N[s:e] = lse_C
         if grad_in_forward:
             ctx.save_for_backward(dh_ND, dw_VD)
         else:
             ctx.save_for_backward(h_ND, weight_VD, t_N, lse_N)
-        ctx.grad_in_forward, ctx.ignore_index, ctx.chunk = grad_in_forward, ignore_index, chunk
+        ctx.grad_in_forward, ctx.ignore_index, ctx.chunk, ctx.ops = grad_in_forward, ignore_index, chunk, ops
         ctx.h_dtype, ctx.w_dtype = h_ND.dtype, weight_VD.dtype
         return total
 
@@ -107,23 +106,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             dh_ND, dw_VD = ctx.saved_tensors
             dh = dh_ND.mul_(grad_out.to(dh_ND.dtype)) if need_h else None
             dw = dw_VD.mul_(grad_out).to(ctx.w_dtype) if need_w else None
-            return dh, dw, None, None, None, None
+            return dh, dw, None, None, None, None, None
         h_ND, weight_VD, t_N, lse_N = ctx.saved_tensors
+        n = h_ND.shape[0]
         dh_ND = torch.empty_like(h_ND) if need_h else None
-        dw_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
-        for s, e in _chunks(h_ND.shape[0], ctx.chunk):
-            t_C = t_N[s:e]
-            valid_C = t_C != ctx.ignore_index
-            safe_t_C = torch.where(valid_C, t_C, torch.zeros_like(t_C))
-            logits_CV = (h_ND[s:e] @ weight_VD.t()).float()
-            dlogits_CV = _chunk_dlogits(logits_CV, lse_N[s:e], valid_C, safe_t_C, h_ND.dtype)
-            del logits_CV
-            dlogits_CV.mul_(grad_out.to(dlogits_CV.dtype))
-            if dh_ND is not None:
-                torch.mm(dlogits_CV, weight_VD, out=dh_ND[s:e])
-            if dw_VD is not None:
-                dw_VD += (dlogits_CV.t() @ h_ND[s:e]).float()
-        return dh_ND, None if dw_VD is None else dw_VD.to(ctx.w_dtype), None, None, None, None
+        dw_VD = _weight_grad_buffer(weight_VD, n) if need_w else None
+        scale = grad_out.float()
+        for s, e in _chunks(n, ctx.chunk):
+            _, _, dlogits_CV = ctx.ops.chunk_cross_entropy(h_ND[s:e] @ weight_VD.t(), t_N[s:e], ctx.ignore_index,
+                                                           grad=True, lse_C=lse_N[s:e], scale=scale)
+            _chunk_grads(dlogits_CV, h_ND[s:e], weight_VD, None if dh_ND is None else dh_ND[s:e], dw_VD,
+                         first=s == 0)
+            del dlogits_CV
+        return dh_ND, None if dw_VD is None else dw_VD.to(ctx.w_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torch.Tensor, *,
@@ -155,13 +150,22 @@ def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torc
     elif h.dtype != weight_VD.dtype:
         raise ValueError(f'hidden states ({h.dtype}) and weight ({weight_VD.dtype}) must share a dtype outside '
                          'autocast')
-    h_ND, t_N = h.reshape(-1, d), targets.reshape(-1)
+    return _linear_cross_entropy(h, weight_VD, targets, ignore_index, chunk_tokens, grad_in_forward, None)
+
+
+def _linear_cross_entropy(h, weight_VD, targets, ignore_index, chunk_tokens, grad_in_forward, ops):
+    """:func:`linear_cross_entropy` after its checks and autocast cast; ``ops`` None picks by device (the tests pass
+    the Triton ops to run the kernel in Triton's interpreter on CPU tensors)."""
+    d = h.shape[-1]
+    h_ND, t_N = h.reshape(-1, d), targets.reshape(-1).contiguous()  # the kernel reads targets densely
+    ops = ops or cross_entropy_ops_for(h_ND)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight_VD.requires_grad)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         if not needs_grad:
             with torch.no_grad():
-                return sum((_chunk_loss(h_ND[s:e], weight_VD, t_N[s:e], ignore_index)[0]
+                return sum((ops.chunk_cross_entropy(h_ND[s:e] @ weight_VD.t(), t_N[s:e], ignore_index,
+                                                    grad=False)[0].sum()
                             for s, e in _chunks(h_ND.shape[0], chunk_tokens)),
                            h_ND.new_zeros((), dtype=torch.float32))
         return _ChunkedLinearCrossEntropy.apply(h_ND.contiguous(), weight_VD, t_N, ignore_index, chunk_tokens,
-                                                True if grad_in_forward is None else grad_in_forward)
+                                                True if grad_in_forward is None else grad_in_forward, ops)
