@@ -92,8 +92,8 @@ __all__ = ['TrainSetup', 'MemoryPlan', 'setup_from_yaml', 'plan_memory', 'plan_c
 
 GB = 1e9
 PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM / H200
-OPTIMIZER_STATE_BYTES = {'decoupled_adamw': 8, 'adamw': 8, 'adam': 8, 'decoupled_lionw': 4, 'lion': 4,
-                         'decoupled_sgdw': 4, 'sgd': 4}
+OPTIMIZER_STATE_BYTES = {'decoupled_adamw': 8, 'decoupled_adamw_fused': 8, 'adamw': 8, 'adam': 8,
+                         'decoupled_lionw': 4, 'lion': 4, 'decoupled_sgdw': 4, 'sgd': 4}
 SHARDING = ('FULL_SHARD', 'SHARD_GRAD_OP', 'NO_SHARD')
 MIXED_PRECISION = ('PURE', 'DEFAULT', 'FULL')
 

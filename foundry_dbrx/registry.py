@@ -18,6 +18,7 @@ ENTRY_POINTS = {
                              'dbrx_parallelize = foundry_dbrx.parallelize:DbrxParallelize',
                              'dbrx_divergence_guard = foundry_dbrx.divergence:DivergenceGuard',
                              'dbrx_expert_load = foundry_dbrx.expert_load:ExpertLoad'],
+    'llmfoundry_optimizers': ['decoupled_adamw_fused = foundry_dbrx.optim:DecoupledAdamWFused'],
     'console_scripts': ['foundry-dbrx = foundry_dbrx.cli:main'],
 }
 
@@ -32,7 +33,7 @@ def register_all() -> None:
     registries = {'llmfoundry_models': registry.models, 'llmfoundry_ffns': layers_registry.ffns,
                   'llmfoundry_module_init_fns': layers_registry.module_init_fns,
                   'llmfoundry_tokenizers': registry.tokenizers, 'llmfoundry_callbacks': registry.callbacks,
-                  'llmfoundry_dataloaders': registry.dataloaders}
+                  'llmfoundry_dataloaders': registry.dataloaders, 'llmfoundry_optimizers': registry.optimizers}
     for group, lines in ENTRY_POINTS.items():
         if group not in registries:
             continue
