@@ -54,6 +54,13 @@ case ${CASES:-diag} in
     bench --sizes large --label large_mb8_cblock $fce --arch microbatch=8 --variant model.training.compile=block
     bench --sizes small --label small_mb16_cblock $fce --arch microbatch=16 --variant model.training.compile=block --profile
     ;;
+  final)  # nvidia-h200-x2: the bars of issue 9 from one call
+    fast="$fce --variant model.training.compile=block"
+    bench --sizes small --nproc 1,2 --label small_fast $fast --arch microbatch=16
+    bench --sizes large --nproc 1 --label large_fast $fast --arch microbatch=4
+    bench --sizes large --nproc 1 --label large_fast_mb8 $fast --arch microbatch=8
+    bench --sizes small --nproc 1 --models mpt_mb_dmoe,mpt_dbrx_moe --label mpt_no_AC
+    ;;
   *) echo "unknown CASES=$CASES"; exit 2 ;;
 esac
 cp "$work/bench/results.jsonl" "$work/bench/table.md" "$out/" 2>/dev/null

@@ -11,7 +11,8 @@ box has 64 GiB of disk). One invocation runs every (model, size, process count) 
     python benchmarks/train_step.py --nproc 2 --variant fsdp_config.backward_prefetch=BACKWARD_PRE --out DIR
 
 Models (the same architecture in each): ``dbrx`` (ours), ``mpt_mb_dmoe`` (LLM Foundry's MPT with MegaBlocks'
-``mb_dmoe``, ``mlp_impl: grouped``, ``bf16: true``), ``mpt_dbrx_moe`` (MPT with our ``dbrx_moe`` experts). MPT runs
+``mb_dmoe``, ``mlp_impl: grouped``, ``bf16: true``), ``mpt_dbrx_moe`` (MPT with our ``dbrx_moe`` experts, also
+``bf16: true``: expert weights kept in bf16, as MegaBlocks keeps its). MPT runs
 LLM Foundry's torch attention (no FlashAttention on the GPU box).
 
 MFU convention (LLM Foundry's and torchtitan's, ``ComposerDbrxCausalLM.flops_per_batch``): per token
@@ -121,7 +122,9 @@ def model_section(model: str, arch: Arch, use_train_metrics: bool) -> dict:
         ffn = {'ffn_type': 'mb_dmoe', **moe, 'mlp_type': 'glu', 'mlp_impl': 'grouped', 'bf16': True,
                'moe_world_size': 1, 'ffn_act_fn': {'name': 'silu'}}
     else:
-        ffn = {'ffn_type': 'dbrx_moe', **moe}
+        # The same bf16 expert weights as mb_dmoe, so the rows compare like for like; the fp32-expert row is
+        # `--models mpt_dbrx_moe --variant model.ffn_config.bf16=false`.
+        ffn = {'ffn_type': 'dbrx_moe', **moe, 'bf16': True}
     return {'name': 'mpt_causal_lm' if model == 'mpt_mb_dmoe' else 'mpt_dbrx_moe', 'init_device': 'meta',
             'd_model': arch.d_model, 'n_heads': arch.n_heads, 'n_layers': arch.n_layers,
             'expansion_ratio': arch.ffn_hidden_size / arch.d_model, 'max_seq_len': arch.seq_len,

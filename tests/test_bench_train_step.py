@@ -42,6 +42,11 @@ def test_case_yaml(bench, tmp_path):
     # One process on a GPU: LLM Foundry drops FSDP; the model is built on the GPU by the registered subclass.
     one = bench.case_yaml('mpt_dbrx_moe', small, 1, '/data', str(tmp_path), warmup=1, steps=1, profile_steps=0)
     assert (one['model']['name'], one['model']['init_device']) == ('bench_gpu_init_mpt_dbrx_moe', 'cpu')
+    # Like for like with mb_dmoe: bf16 expert weights; the fp32-expert row is one --variant away.
+    assert one['model']['ffn_config']['bf16'] is True
+    fp32 = bench.case_yaml('mpt_dbrx_moe', small, 1, '/data', str(tmp_path), warmup=1, steps=1, profile_steps=0,
+                           variants=['model.ffn_config.bf16=false'])
+    assert fp32['model']['ffn_config']['bf16'] is False
     mb = bench.case_yaml('mpt_mb_dmoe', small, 2, '/data', str(tmp_path), warmup=1, steps=1, profile_steps=0)
     assert mb['model']['name'] == 'mpt_causal_lm' and mb['model']['ffn_config']['mlp_impl'] == 'grouped'
     assert mb['model']['ffn_config']['bf16'] is True and mb['model']['expansion_ratio'] * 2048 == 3584

@@ -212,6 +212,12 @@ class DbrxExperts(nn.Module):
             raise RuntimeError(f'the dispatcher routed to {offs_El.numel()} experts; this rank holds '
                                f'{self.num_local_experts}')
         weights = self.mlp.expert_views(self.num_local_experts, self.grad_scale, dtype=compute_dtype(x_RD))
+        w_dtype = weights[0].dtype
+        if x_RD.dtype != w_dtype and not torch.is_autocast_enabled(x_RD.device.type):
+            # Low-precision experts (mpt_dbrx_moe's ffn_config.bf16) in an fp32 model without autocast (a CPU
+            # run, precision fp32): they compute in their own dtype, as under autocast, and hand back the model's.
+            x_low = x_RD.to(w_dtype)
+            return self.backend_for(x_low).fn(x_low, w_R, offs_El, *weights).to(x_RD.dtype)
         return self.backend_for(x_RD).fn(x_RD, w_R, offs_El, *weights)
 
     def extra_repr(self) -> str:

@@ -29,14 +29,14 @@ class DbrxFFN(nn.Module):
     """
 
     def __init__(self, d_model: int, cfg: DbrxFFNConfig, backend: str = 'auto', bias_balancing: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, expert_dtype=None):
         super().__init__()
         self.cfg = cfg
         self.router = DbrxRouter(d_model, cfg.moe_num_experts, cfg.moe_top_k, jitter_eps=cfg.moe_jitter_eps,
                                  normalize_expert_weights=cfg.moe_normalize_expert_weights,
                                  select_with_bias=bias_balancing, device=device, dtype=dtype)
         self.experts = DbrxExperts(d_model, cfg.ffn_hidden_size, cfg.moe_num_experts, backend=backend,
-                                   device=device, dtype=dtype)
+                                   device=device, dtype=expert_dtype or dtype)
         self.dispatcher = LocalDispatcher(cfg.moe_num_experts)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
@@ -73,12 +73,23 @@ class MPTDbrxMoE(nn.Module):
     that lives for that forward only) and returns them with the logits, and its ``loss`` forms the auxiliary losses
     exactly as the ``dbrx`` model does. Under another model nobody would collect them, so the layer refuses to
     train rather than drop its load-balancing loss.
+
+    ``expert_dtype`` (``ffn_config.bf16`` / ``fp16``) keeps w1, v1 and w2 in that dtype, parameters and hence
+    gradients and optimizer moments, as MegaBlocks does; the router stays fp32 (see :func:`build_dbrx_moe_ffn`).
     """
 
-    def __init__(self, d_model: int, cfg: DbrxFFNConfig, training: DbrxTrainingConfig, device=None):
+    def __init__(self, d_model: int, cfg: DbrxFFNConfig, training: DbrxTrainingConfig, device=None,
+                 expert_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.ffn = DbrxFFN(d_model, cfg, backend=training.moe_backend, bias_balancing=training.moe_bias_balancing,
-                           device=device)
+                           device=device, expert_dtype=expert_dtype)
+        if expert_dtype is not None:
+            # FSDP (1 and 2) flattens or groups one unit's parameters in one dtype, and LLM Foundry wraps the
+            # whole MPTBlock: fp32 attention and router beside low-precision experts would be refused there. The
+            # experts become their own unit, which Composer's auto-wrap honours under both FSDP versions. The unit
+            # is DbrxExperts, not its DbrxExpertGLU: FSDP gathers a unit's weights when the unit's forward runs,
+            # and the GLU's weights are read by DbrxExperts.forward (the GLU has no forward).
+            self.ffn.experts._fsdp_wrap = True
         self.training_cfg = training
         self.losses_collected = False  # set by the Composer model that collects the routings and adds the losses
 
@@ -100,6 +111,11 @@ def build_dbrx_moe_ffn(d_model: int, expansion_ratio: float, device: Optional[st
     other place for them); without ``ffn_hidden_size`` the hidden size is ``expansion_ratio * d_model``.
     ``moe_num_layers``, if given, must be the model's n_layers (the
     ``mpt_dbrx_moe`` model checks it); the losses no longer need it, as the model averages over the layers it finds.
+
+    ``bf16: true`` (or ``fp16: true``), MegaBlocks' keys, creates and keeps the expert weights (w1, v1, w2) in
+    that dtype: half the bytes of fp32 weights, gradients and Adam moments, at the price of updating them in low
+    precision (docs/moe.md). The router stays fp32: it is E x D per layer (nothing to save), and its small
+    updates decide the routing and its load balance.
     """
     if bias:
         raise ValueError('ffn_config.bias (True) must be False for dbrx_moe: DBRX experts have no biases '
@@ -109,11 +125,31 @@ def build_dbrx_moe_ffn(d_model: int, expansion_ratio: float, device: Optional[st
     if moe_num_layers is not None and (not isinstance(moe_num_layers, int) or moe_num_layers <= 0):
         raise ValueError(f'ffn_config.moe_num_layers ({moe_num_layers!r}) must be a positive integer')
     ffn_config.setdefault('ffn_hidden_size', int(round(expansion_ratio * d_model)))
+    expert_dtype = _expert_dtype(ffn_config)
     training = DbrxTrainingConfig.from_dict({k: ffn_config.pop(k) for k in _MPT_TRAINING_KEYS if k in ffn_config})
     cfg = DbrxFFNConfig.from_dict(ffn_config)
     if device == 'mixed':  # LLM Foundry's "rank 0 on cpu, others on meta"; the wrapper materialises later.
         device = None
-    return MPTDbrxMoE(d_model, cfg, training, device=device)
+    return MPTDbrxMoE(d_model, cfg, training, device=device, expert_dtype=expert_dtype)
+
+
+# MegaBlocks' names for the dtype its expert weights are created in (megablocks.layers.arguments.Arguments).
+_EXPERT_DTYPE_KEYS = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def _expert_dtype(ffn_config: dict) -> Optional[torch.dtype]:
+    """Pops ``bf16`` / ``fp16`` from ``ffn_config``: the expert weights' dtype, None for the default (fp32)."""
+    chosen = []
+    for key in _EXPERT_DTYPE_KEYS:
+        value = ffn_config.pop(key, False)
+        if not isinstance(value, bool):
+            raise ValueError(f'ffn_config.{key} ({value!r}) must be true or false')
+        if value:
+            chosen.append(key)
+    if len(chosen) > 1:
+        raise ValueError('ffn_config.bf16 (true) and ffn_config.fp16 (true) must not both be true: the expert '
+                         'weights are kept in one dtype')
+    return _EXPERT_DTYPE_KEYS[chosen[0]] if chosen else None
 
 
 # The training choices an MPT ffn_config may carry (expert parallelism is the dbrx model's only).
