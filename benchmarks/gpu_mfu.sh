@@ -54,6 +54,12 @@ case ${CASES:-diag} in
     bench --sizes large --label large_mb8_cblock $fce --arch microbatch=8 --variant model.training.compile=block
     bench --sizes small --label small_mb16_cblock $fce --arch microbatch=16 --variant model.training.compile=block --profile
     ;;
+  check)  # the new kernels on the GPU before the final rows
+    timeout 150 python -m pytest -q -s tests/test_cross_entropy.py -k "cuda" 2>&1 | tail -8
+    timeout 120 python benchmarks/cross_entropy.py --d-models 2048,4096 --chunks 4096,8192 --iters 5 2>&1 | tail -20
+    timeout 90 python benchmarks/optimizer_step.py --params-billion 3.3 --device cuda 2>&1 | tail -6
+    bench --sizes small --nproc 1,2 --label small_fast $fce --variant model.training.compile=block --arch microbatch=16
+    ;;
   final)  # nvidia-h200-x2: the bars of issue 9 from one call
     fast="$fce --variant model.training.compile=block"
     bench --sizes small --nproc 1,2 --label small_fast $fast --arch microbatch=16
