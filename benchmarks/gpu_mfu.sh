@@ -58,11 +58,11 @@ case ${CASES:-diag} in
     timeout 150 python -m pytest -q -s tests/test_cross_entropy.py -k "cuda" 2>&1 | tail -8
     timeout 120 python benchmarks/cross_entropy.py --d-models 2048,4096 --chunks 4096,8192 --iters 5 2>&1 | tail -20
     timeout 90 python benchmarks/optimizer_step.py --params-billion 3.3 --device cuda 2>&1 | tail -6
-    bench --sizes small --nproc 1,2 --label small_fast $fce --variant model.training.compile=block --arch microbatch=16
+    bench --sizes small --nproc ${NPROC:-1,2} --label small_fast $fce --variant model.training.compile=block --arch microbatch=16
     ;;
   final)  # nvidia-h200-x2: the bars of issue 9 from one call
     fast="$fce --variant model.training.compile=block"
-    bench --sizes small --nproc 1,2 --label small_fast $fast --arch microbatch=16
+    bench --sizes small --nproc ${NPROC:-1,2} --label small_fast $fast --arch microbatch=16
     bench --sizes large --nproc 1 --label large_fast $fast --arch microbatch=4
     bench --sizes large --nproc 1 --label large_fast_mb8 $fast --arch microbatch=8
     bench --sizes small --nproc 1 --models mpt_mb_dmoe,mpt_dbrx_moe --label mpt_no_AC
