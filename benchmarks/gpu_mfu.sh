@@ -60,6 +60,10 @@ case ${CASES:-diag} in
     timeout 90 python benchmarks/optimizer_step.py --params-billion 3.3 --device cuda 2>&1 | tail -6
     bench --sizes small --nproc ${NPROC:-1,2} --label small_fast $fce --variant model.training.compile=block --arch microbatch=16
     ;;
+  scale2)  # nvidia-h200-x2: weak scaling 1 -> 2 GPUs at the fast settings, with and without torch.compile
+    bench --sizes small --nproc 1,2 --label small_fast $fce --variant model.training.compile=block --arch microbatch=16
+    bench --sizes small --nproc 1,2 --label small_fast_eager $fce --arch microbatch=16
+    ;;
   final)  # nvidia-h200-x2: the bars of issue 9 from one call
     fast="$fce --variant model.training.compile=block"
     bench --sizes small --nproc ${NPROC:-1,2} --label small_fast $fast --arch microbatch=16
