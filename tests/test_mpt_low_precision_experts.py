@@ -128,9 +128,14 @@ def test_fsdp_trains_bf16_experts_in_their_own_unit(tmp_path):
     an MPTBlock holding fp32 and bf16 parameters, so this passes only with the experts wrapped on their own."""
     from tests.test_expert_parallel import _free_port
 
-    env = subprocess_env(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()), OMP_NUM_THREADS='1')
+    port = str(_free_port())
+    # Composer reads the rank from the environment and checks it against torch.distributed's: each rank gets its
+    # own (an in-process Trainer earlier in the session may have left RANK=0 in this one).
+    envs = [subprocess_env(MASTER_ADDR='127.0.0.1', MASTER_PORT=port, OMP_NUM_THREADS='1', RANK=str(rank),
+                           LOCAL_RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', NODE_RANK='0')
+            for rank in range(2)]
     procs = [subprocess.Popen([sys.executable, '-m', 'tests.fsdp_dtype_worker', str(rank), '2', str(tmp_path)],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=envs[rank], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
