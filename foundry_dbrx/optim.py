@@ -31,7 +31,12 @@ from typing import Iterable, Union
 import torch
 from composer.optim import DecoupledAdamW
 from torch.optim.adamw import adamw as _torch_adamw
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+try:  # private, but the list torch's own fused check reads (torch 2.1 and later)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:  # a torch without it: CUDA and CPU have had fused AdamW since 2.4
+    def _get_fused_kernels_supported_devices() -> list[str]:
+        return ['cuda', 'cpu']
 
 __all__ = ['DecoupledAdamWFused']
 
@@ -81,9 +86,12 @@ class DecoupledAdamWFused(DecoupledAdamW):
         _check_args(lr, betas, eps, weight_decay, implementation)
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         self.implementation = implementation
+        self._fused_devices = None
 
     def _use_fused(self, p: torch.Tensor) -> bool:
-        ok = (p.device.type in _get_fused_kernels_supported_devices() and torch.is_floating_point(p)
+        if self._fused_devices is None:
+            self._fused_devices = frozenset(_get_fused_kernels_supported_devices())
+        ok = (p.device.type in self._fused_devices and torch.is_floating_point(p)
               and not torch.is_complex(p))
         if self.implementation == 'fused' and not ok:
             raise RuntimeError(f'decoupled_adamw_fused: implementation=fused needs floating-point parameters on a '
