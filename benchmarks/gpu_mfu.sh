@@ -26,12 +26,12 @@ for name, fn in [('grouped_mm out_dtype=fp32', lambda: torch._grouped_mm(a.t().c
     except Exception as e:
         print('feature:', name, 'FAILS', type(e).__name__, str(e).splitlines()[0][:160])
 PY
-python - "$work/data" <<'PY'
+python - "$work/data" "${SIZES:-small,large}" <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, 'benchmarks')
 import train_step
-for size in ('small', 'large'):
+for size in sys.argv[2].split(','):
     train_step.prepare_data(train_step.SIZES[size].seq_len, Path(sys.argv[1]), None)
 PY
 bench() {
@@ -63,6 +63,9 @@ case ${CASES:-diag} in
   scale2)  # nvidia-h200-x2: weak scaling 1 -> 2 GPUs at the fast settings, with and without torch.compile
     bench --sizes small --nproc 1,2 --label small_fast $fce --variant model.training.compile=block --arch microbatch=16
     bench --sizes small --nproc 1,2 --label small_fast_eager $fce --arch microbatch=16
+    ;;
+  prof)  # SIZES=large: the profile of the final large row
+    bench --sizes large --nproc 1 --label large_fast $fce --variant model.training.compile=block --arch microbatch=4 --profile
     ;;
   final)  # nvidia-h200-x2: the bars of issue 9 from one call
     fast="$fce --variant model.training.compile=block"
