@@ -74,23 +74,40 @@ def test_an_existing_non_contiguous_grad_is_left_to_autograd():
     assert torch.equal(w.grad, torch.full((4, 3), 3.0))
 
 
-def _model_grads(fuse, monkeypatch):
+def _model_grads(fuse, monkeypatch, checkpoint=None):
     monkeypatch.setattr(wg, '_fusable', wg._fusable if fuse else (lambda w: False))
     torch.manual_seed(0)
     cfg = DbrxConfig.from_dict(tiny_config())
     model = DbrxForCausalLM(cfg)
+    if checkpoint is not None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                                 checkpoint_wrapper)
+
+        from foundry_dbrx.model import DbrxBlock
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(
+            m, checkpoint_impl=checkpoint), check_fn=lambda m: isinstance(m, DbrxBlock))
     gen = torch.Generator().manual_seed(3)
     for _ in range(2):  # two microbatches
         ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=gen)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             loss = model(ids, targets=ids).ce_sum
         loss.backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+    return {n.replace('_checkpoint_wrapped_module.', ''): p.grad for n, p in model.named_parameters()}
 
 
-def test_model_gradients_are_the_same_with_and_without_the_fused_accumulation(monkeypatch):
-    fused = _model_grads(True, monkeypatch)
-    plain = _model_grads(False, monkeypatch)
+@pytest.mark.parametrize('checkpoint', [None, 'NO_REENTRANT', 'REENTRANT'])
+def test_model_gradients_are_the_same_with_and_without_the_fused_accumulation(checkpoint, monkeypatch):
+    """With the blocks checkpointed too (the shipped recipes; the recompute runs cast_weight again, and the
+    reentrant kind runs a backward inside the backward)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
+    impl = None if checkpoint is None else CheckpointImpl[checkpoint]
+    calls = []
+    real = wg.accumulate_grad_
+    monkeypatch.setattr(wg, 'accumulate_grad_', lambda p, g: (calls.append(p.shape), real(p, g)))
+    fused = _model_grads(True, monkeypatch, impl)
+    n_layers = DbrxConfig.from_dict(tiny_config()).n_layers
+    assert len(calls) == 2 * (3 * n_layers + 1)  # two microbatches x (w1, v1, w2 of every layer + the head)
+    plain = _model_grads(False, monkeypatch, impl)
     assert fused.keys() == plain.keys()
     for name in fused:
         assert (fused[name] is None) == (plain[name] is None), name
