@@ -19,6 +19,8 @@ import pickle
 import re
 import shutil
 import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from foundry_dbrx.cli import main as cli
 from foundry_dbrx.data.prep import PrepConfig, PrepError, prep_data
 from foundry_dbrx.outputs import MARKER, OutputError, atomic_output, rename_no_replace
 
+from tests.conftest import subprocess_env
 from tests.s3_server import LoopbackS3, set_env
 from tests.test_hf_convert import CFG, build_hf_dir, read_hf_weights
 
@@ -645,3 +648,36 @@ def test_a_shared_memory_prefix_taken_by_another_process_meanwhile_is_looked_up_
         for _, shm in taken:
             shm.close()
             shm.unlink()
+
+
+_ABANDONED_EPOCH_SCRIPT = '''
+import sys, threading, time
+from streaming.base.dataset import _ShardState
+from foundry_dbrx.data.loader import StrictStreamingTextDataset
+from foundry_dbrx.data.tokenizer import DbrxTokenizer
+
+ds = StrictStreamingTextDataset(tokenizer=DbrxTokenizer(), max_seq_len=16, local=sys.argv[1], remote=None,
+                                split='train', shuffle=False, batch_size=1, predownload=2)
+it = iter(ds)
+next(it)
+# The later shards are being fetched by someone else, who never finishes: Streaming's ready thread waits for them.
+for shard in range(1, len(ds._shard_states)):
+    ds._shard_states[shard] = _ShardState.PREPARING
+ds.prepare_shard = lambda shard_id, blocking=True: None
+threading.Thread(target=lambda: [x for x in it], daemon=True).start()
+time.sleep(1)
+print('done', flush=True)
+'''
+
+
+def test_a_process_with_an_abandoned_epoch_still_exits(tmp_path):
+    """A run that stops mid-epoch while a shard is still being fetched must end when its work is done, not hang
+    at interpreter exit joining Streaming's background threads (seen at the end of a test session)."""
+    data = tmp_path / 'data'
+    prep([write_text(tmp_path / 'docs', TEXT_A)], data, val_fraction=0.0, shard_size='1kb')
+    assert len(list((data / 'train').glob('shard.*.mds'))) >= 3
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, '-c', _ABANDONED_EPOCH_SCRIPT, str(data)], capture_output=True, text=True,
+                         timeout=90, env=subprocess_env())
+    assert res.returncode == 0 and res.stdout.strip().endswith('done'), res.stdout + res.stderr
+    assert time.monotonic() - start < 60

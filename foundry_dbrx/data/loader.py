@@ -17,7 +17,9 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -119,6 +121,7 @@ class StrictStreamingTextDataset(StreamingTextDataset):
         self._note_exit_on_error(super()._ready_thread, it)
 
     def __iter__(self) -> Iterator[Any]:
+        _stop_at_exit(self)
         try:
             yield from super().__iter__()
         except ShardUnavailableError:
@@ -128,6 +131,34 @@ class StrictStreamingTextDataset(StreamingTextDataset):
             raise self._failure(self._background_error or error) from error
         if self._background_error is not None:
             raise self._failure(self._background_error) from self._background_error
+
+
+# Datasets that may have background threads running, for _stop_background_threads.
+_LIVE_DATASETS: 'weakref.WeakSet[StrictStreamingTextDataset]' = weakref.WeakSet()
+_AT_EXIT_REGISTERED = False
+
+
+def _stop_at_exit(dataset: StrictStreamingTextDataset) -> None:
+    global _AT_EXIT_REGISTERED
+    _LIVE_DATASETS.add(dataset)
+    if not _AT_EXIT_REGISTERED:
+        # Streaming 0.12's ready thread waits for a shard to become local in a loop that checks only the dataset's
+        # failure event, not its iterator's exit flag (streaming/base/dataset.py, StreamingDataset._ready_thread).
+        # When an epoch is abandoned while a shard is PREPARING (a download another process started, an iteration
+        # stopped early), that loop never ends, and at interpreter exit concurrent.futures joins the executor's
+        # threads: the process hangs after its work is done (seen at the end of a test session). Setting the event
+        # at exit ends both background threads. threading's atexit hooks run in reverse order of registration,
+        # before the joins; this one is registered after concurrent.futures.thread's (imported with streaming),
+        # so it runs first. threading._register_atexit is what Streaming itself uses for its iterators.
+        threading._register_atexit(_stop_background_threads)  # pyright: ignore[reportAttributeAccessIssue]
+        _AT_EXIT_REGISTERED = True
+
+
+def _stop_background_threads() -> None:
+    for dataset in list(_LIVE_DATASETS):
+        event = getattr(dataset, '_event', None)
+        if event is not None:
+            event.set()
 
 
 def build_dbrx_text_dataloader(
