@@ -211,9 +211,10 @@ class DbrxExperts(nn.Module):
         if offs_El.numel() != self.num_local_experts:
             raise RuntimeError(f'the dispatcher routed to {offs_El.numel()} experts; this rank holds '
                                f'{self.num_local_experts}')
-        weights = self.mlp.expert_views(self.num_local_experts, self.grad_scale, dtype=compute_dtype(x_RD))
+        dtype = compute_dtype(x_RD)
+        weights = self.mlp.expert_views(self.num_local_experts, self.grad_scale, dtype=dtype)
         w_dtype = weights[0].dtype
-        if x_RD.dtype != w_dtype and not torch.is_autocast_enabled(x_RD.device.type):
+        if dtype is None and x_RD.dtype != w_dtype:
             # Low-precision experts (mpt_dbrx_moe's ffn_config.bf16) in an fp32 model without autocast (a CPU
             # run, precision fp32): they compute in their own dtype, as under autocast, and hand back the model's.
             x_low = x_RD.to(w_dtype)

@@ -130,7 +130,7 @@ def linear_cross_entropy(h: torch.Tensor, weight_VD: torch.Tensor, targets: torc
     Args:
         h: hidden states ``[..., D]``; ``targets`` has the same leading shape.
         weight_VD: the output layer's weight ``[V, D]`` (no bias).
-        chunk_tokens: tokens per chunk (memory of a chunk: about ``8 * chunk_tokens * V`` bytes).
+        chunk_tokens: tokens per chunk (a chunk holds its ``chunk_tokens x V`` logits in the compute dtype).
         grad_in_forward: compute the gradients in forward (module docstring); default: when gradients are needed.
     """
     d = h.shape[-1]
